@@ -1,0 +1,7 @@
+"""kvquant-vllm: KVQuant 2-4 bit KV caches for vLLM."""
+
+from kvquant_vllm.quant import KVCodec, get_codec, method_names
+
+__version__ = "0.1.0"
+
+__all__ = ["KVCodec", "get_codec", "method_names", "__version__"]

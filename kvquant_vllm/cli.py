@@ -1,0 +1,101 @@
+"""The ``kvquant-vllm`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from kvquant_vllm.models import BUNDLED_MODELS, DEFAULT_MODEL
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="text source: pydoc, wikitext2 or c4, optionally with :train/:test")
+    src.add_argument("--text-file", help="a UTF-8 text file")
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> None:
+    from kvquant_vllm.models import prepare_model
+
+    print(prepare_model(args.name, args.out))
+
+
+def cmd_eval_ppl(args: argparse.Namespace) -> None:
+    from kvquant_vllm.data import load_text
+    from kvquant_vllm.eval.perplexity import evaluate_methods, format_table, load_eval_model, make_windows, tokenize
+    from kvquant_vllm.fsutil import atomic_write_text
+    from kvquant_vllm.models import resolve_model
+    from kvquant_vllm.quant.registry import get_codec
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        get_codec(m)  # unknown names fail before the model loads
+    model_dir = resolve_model(args.model)
+    text = load_text(args.text, args.text_file)
+    model, tokenizer = load_eval_model(model_dir)
+    windows = make_windows(tokenize(tokenizer, text), args.seq_len, args.max_windows)
+    results = evaluate_methods(model, windows, methods)
+    print(
+        f"model {model_dir}, text {args.text or args.text_file}: "
+        f"{windows.shape[0]} windows x {windows.shape[1]} tokens"
+    )
+    print(format_table(results))
+    if args.json:
+        payload = {
+            "model": str(model_dir),
+            "text": args.text or args.text_file,
+            "seq_len": args.seq_len,
+            "windows": windows.shape[0],
+            "command": " ".join(["kvquant-vllm", *sys.argv[1:]]),
+            "results": [r.as_dict() for r in results],
+        }
+        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from kvquant_vllm.demo import run_demo
+
+    run_demo(args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvquant-vllm", description="KVQuant KV cache quantization for vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-model", help="materialise a bundled model as a safetensors directory")
+    p.add_argument("name", choices=sorted(BUNDLED_MODELS))
+    p.add_argument("--out", help="output directory (default: $KVQUANT_CACHE/models/NAME)")
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = sub.add_parser("eval", help="quality evaluation")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    p = eval_sub.add_parser("ppl", help="perplexity with the KV cache fake-quantized by each method")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory or bundled model name")
+    _add_text_args(p)
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. fp16,int4-token,int3-token")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--json", help="write the results as JSON to this path")
+    p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("demo", help="generate with vLLM and print a perplexity table")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"kvquant-vllm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fake-quant perplexity harness over Hugging Face transformers."""

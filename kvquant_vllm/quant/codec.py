@@ -1,0 +1,55 @@
+"""The codec interface every KV cache quantization method implements.
+
+A codec turns one sequence's keys or values, ``[num_tokens, num_kv_heads, head_dim]``,
+into a packed form and back. Keys are handed over **before RoPE**. ``layer`` lets a
+calibrated codec pick that layer's tables.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Literal
+
+import torch
+
+Kind = Literal["key", "value"]
+
+
+class KVCodec(ABC):
+    """encode(k or v) -> packed; decode(packed) -> dense."""
+
+    name: str
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> Any:
+        """x: [num_tokens, num_kv_heads, head_dim] float -> method-specific packed object."""
+
+    @abstractmethod
+    def decode(self, packed: Any) -> torch.Tensor:
+        """packed -> [num_tokens, num_kv_heads, head_dim] float32."""
+
+    @abstractmethod
+    def bits_per_element(self, head_dim: int, seq_len: int) -> float:
+        """Average storage per K and V element, every side table included."""
+
+    def fake_quant(self, x: torch.Tensor, kind: Kind, layer: int) -> torch.Tensor:
+        """Quantize and dequantize ``x``; same shape and dtype as ``x``."""
+        return self.decode(self.encode(x, kind, layer)).to(x.dtype)
+
+
+class Unquantized(KVCodec):
+    """The 16-bit cache every quantized method is compared against."""
+
+    name = "fp16"
+
+    def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> torch.Tensor:
+        return x
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed.float()
+
+    def bits_per_element(self, head_dim: int, seq_len: int) -> float:
+        return 16.0
+
+    def fake_quant(self, x: torch.Tensor, kind: Kind, layer: int) -> torch.Tensor:
+        return x

@@ -1,0 +1,64 @@
+"""Bit packing of integer codes into bytes.
+
+Codes of ``bits`` bits (1-8) are packed little-endian within groups of 8 codes:
+8 codes of b bits fill exactly b bytes, so any width packs densely and the
+packed length of n codes is ``ceil(n * bits / 8)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"cannot pack {bits}-bit codes: bits must be one of {SUPPORTED_BITS}")
+
+
+def packed_numel(n: int, bits: int) -> int:
+    """Number of bytes that ``n`` codes of ``bits`` bits occupy once packed."""
+    _check_bits(bits)
+    return (n * bits + 7) // 8
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack the last dimension of ``codes`` into bytes.
+
+    codes: [..., n] integer tensor with values in [0, 2**bits).
+    returns: [..., packed_numel(n, bits)] uint8.
+    """
+    _check_bits(bits)
+    n = codes.shape[-1]
+    lead = codes.shape[:-1]
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits: [{int(codes.min())}, {int(codes.max())}]")
+    pad = (-n) % 8
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, pad)).reshape(*lead, -1, 8)
+    shifts = torch.arange(8, dtype=torch.int64, device=codes.device) * bits
+    # 8 codes of at most 8 bits fit one int64; the top byte may set the sign bit, which the masks below ignore.
+    word = (c << shifts).sum(-1, keepdim=True)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
+    packed = ((word >> byte_shifts) & 0xFF).to(torch.uint8).reshape(*lead, -1)
+    return packed[..., : packed_numel(n, bits)].contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`.
+
+    packed: [..., packed_numel(n, bits)] uint8.
+    returns: [..., n] uint8 codes.
+    """
+    _check_bits(bits)
+    lead = packed.shape[:-1]
+    if packed.shape[-1] != packed_numel(n, bits):
+        raise ValueError(f"packed length {packed.shape[-1]} does not hold {n} codes of {bits} bits")
+    groups = (n + 7) // 8
+    p = torch.nn.functional.pad(packed.to(torch.int64), (0, groups * bits - packed.shape[-1]))
+    p = p.reshape(*lead, groups, bits)
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=packed.device) * 8
+    word = (p << byte_shifts).sum(-1, keepdim=True)
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
+    codes = ((word >> shifts) & ((1 << bits) - 1)).reshape(*lead, groups * 8)
+    return codes[..., :n].to(torch.uint8)
