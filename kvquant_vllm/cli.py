@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -23,35 +22,15 @@ def cmd_prepare_model(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from kvquant_vllm.data import load_text
-    from kvquant_vllm.eval.perplexity import evaluate_methods, format_table, load_eval_model, make_windows, tokenize
+    from kvquant_vllm.eval.perplexity import format_table, run_ppl
     from kvquant_vllm.fsutil import atomic_write_text
-    from kvquant_vllm.models import resolve_model
-    from kvquant_vllm.quant.registry import get_codec
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        get_codec(m)  # unknown names fail before the model loads
-    model_dir = resolve_model(args.model)
-    text = load_text(args.text, args.text_file)
-    model, tokenizer = load_eval_model(model_dir)
-    windows = make_windows(tokenize(tokenizer, text), args.seq_len, args.max_windows)
-    results = evaluate_methods(model, windows, methods)
-    print(
-        f"model {model_dir}, text {args.text or args.text_file}: "
-        f"{windows.shape[0]} windows x {windows.shape[1]} tokens"
-    )
-    print(format_table(results))
+    report = run_ppl(args.model, methods, args.seq_len, args.max_windows, args.text, args.text_file)
+    print(report.describe())
+    print(format_table(report.results))
     if args.json:
-        payload = {
-            "model": str(model_dir),
-            "text": args.text or args.text_file,
-            "seq_len": args.seq_len,
-            "windows": windows.shape[0],
-            "command": " ".join(["kvquant-vllm", *sys.argv[1:]]),
-            "results": [r.as_dict() for r in results],
-        }
-        atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
+        atomic_write_text(args.json, report.to_json(" ".join(["kvquant-vllm", *sys.argv[1:]])))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

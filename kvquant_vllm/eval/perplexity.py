@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,3 +91,45 @@ def format_table(results: list[PplResult]) -> str:
     for r in results:
         lines.append(f"| {r.method} | {r.bits_per_element:.2f} | {r.ppl:.3f} | {r.delta:+.3f} | {r.tokens} |")
     return "\n".join(lines)
+
+
+@dataclass
+class PplReport:
+    """One invocation's results with what is needed to reproduce them."""
+
+    model: str
+    text: str
+    seq_len: int
+    windows: int
+    results: list[PplResult] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"model {self.model}, text {self.text}: {self.windows} windows x {self.seq_len} tokens"
+
+    def to_json(self, command: str) -> str:
+        payload = {k: v for k, v in asdict(self).items() if k != "results"}
+        payload["command"] = command
+        payload["results"] = [r.as_dict() for r in self.results]
+        return json.dumps(payload, indent=2) + "\n"
+
+
+def run_ppl(
+    model: str,
+    methods: list[str],
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    text: str | None = None,
+    text_file: str | None = None,
+) -> PplReport:
+    """Resolve the model, load the text, and evaluate every method (plus fp16) on the same windows."""
+    from kvquant_vllm.data import load_text
+    from kvquant_vllm.models import resolve_model
+
+    for m in methods:
+        get_codec(m)  # unknown names fail before the model loads
+    model_dir = resolve_model(model)
+    corpus = load_text(text, text_file)
+    hf_model, tokenizer = load_eval_model(model_dir)
+    windows = make_windows(tokenize(tokenizer, corpus), seq_len, max_windows)
+    results = evaluate_methods(hf_model, windows, methods)
+    return PplReport(model, text or str(text_file), seq_len, windows.shape[0], results)

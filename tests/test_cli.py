@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvquant_vllm.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr()
+
+
+def test_unknown_method(capsys, tmp_path):
+    code, out = _run(capsys, "eval", "ppl", "--model", str(tmp_path), "--text", "pydoc", "--methods", "int4-token,q7")
+    assert code == 2
+    assert "unknown KV cache method 'q7'" in out.err and "int3-token" in out.err
+
+
+def test_missing_model(capsys, tmp_path):
+    code, out = _run(capsys, "eval", "ppl", "--model", str(tmp_path / "none"), "--text", "pydoc", "--methods", "int4-token")
+    assert code == 2
+    assert "not found" in out.err and "prepare-model" in out.err
+
+
+def test_empty_text(capsys, tmp_path, smollm2_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, out = _run(capsys, "eval", "ppl", "--model", str(smollm2_dir), "--text-file", str(empty), "--methods", "int4-token")
+    assert code == 2 and "is empty" in out.err
+
+
+def test_text_and_text_file_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["eval", "ppl", "--model", "x", "--text", "pydoc", "--text-file", "y", "--methods", "fp16"])
+
+
+def test_eval_ppl_end_to_end(tmp_path, smollm2_dir):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "kvquant_vllm.cli", "eval", "ppl", "--model", "smollm2-135m", "--text", "pydoc:test",
+           "--methods", "int4-token,int3-token", "--seq-len", "128", "--max-windows", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| int3-token | 3.50 |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["fp16", "int4-token", "int3-token"]
+    assert report["windows"] == 2 and report["seq_len"] == 128
+    fp16, int4, int3 = (r["ppl"] for r in report["results"])
+    assert fp16 < int4 < int3
+    assert all(r["tokens"] == 2 * 127 for r in report["results"])

@@ -1,0 +1,112 @@
+import math
+
+import pytest
+import torch
+from transformers import DeepseekV3Config, GPT2Config, MistralConfig
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from kvquant_vllm.eval.fakequant import UnsupportedModelError, attention_geometry, fake_quantized
+from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize, window_nll
+from kvquant_vllm.quant.codec import KVCodec, Unquantized
+
+
+class Recorder(KVCodec):
+    """Leaves K/V unchanged and keeps what the harness handed over."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.seen = {}
+
+    def encode(self, x, kind, layer):
+        self.seen[(kind, layer)] = x.clone()
+        return x
+
+    def decode(self, packed):
+        return packed
+
+    def bits_per_element(self, head_dim, seq_len):
+        return 16.0
+
+
+def _random_windows(vocab, n=3, seq_len=24, seed=0):
+    return torch.randint(0, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def test_hooked_keys_are_pre_rope(tiny_model):
+    model = tiny_model
+    ids = _random_windows(model.config.vocab_size, n=1)
+    rec = Recorder()
+    with torch.no_grad(), fake_quantized(model, rec):
+        out = model(ids, output_hidden_states=True, use_cache=True)
+    geo = attention_geometry(model.config)
+    for layer in range(geo.num_layers):
+        attn = model.model.layers[layer]
+        with torch.no_grad():
+            attn_in = attn.input_layernorm(out.hidden_states[layer][0])
+            manual_k = (attn_in @ attn.self_attn.k_proj.weight.T).reshape(-1, geo.num_kv_heads, geo.head_dim)
+            manual_v = (attn_in @ attn.self_attn.v_proj.weight.T).reshape(-1, geo.num_kv_heads, geo.head_dim)
+        hooked_k = rec.seen[("key", layer)]
+        torch.testing.assert_close(hooked_k, manual_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rec.seen[("value", layer)], manual_v, rtol=1e-5, atol=1e-5)
+
+        # The cache holds post-RoPE keys: they equal RoPE(hooked) and differ from hooked.
+        cached_k = out.past_key_values.layers[layer].keys[0].transpose(0, 1)  # [t, kv_heads, head_dim]
+        positions = torch.arange(ids.shape[1])[None]
+        cos, sin = model.model.rotary_emb(hooked_k, positions)
+        k_bhtd = hooked_k.transpose(0, 1)[None]
+        rotated, _ = apply_rotary_pos_emb(k_bhtd, k_bhtd, cos, sin)
+        torch.testing.assert_close(rotated[0].transpose(0, 1), cached_k, rtol=1e-5, atol=1e-5)
+        assert (hooked_k[1:] - cached_k[1:]).abs().max() > 1e-2
+
+
+def test_unquantized_ppl_equals_model_loss(tiny_model):
+    windows = _random_windows(tiny_model.config.vocab_size)
+    nll, count = window_nll(tiny_model, windows, Unquantized())
+    with torch.no_grad():
+        losses = [tiny_model(w[None], labels=w[None]).loss for w in windows]
+    assert count == windows.numel() - windows.shape[0]
+    assert math.exp(nll / count) == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+
+
+def test_quantization_reaches_the_model(tiny_model):
+    windows = _random_windows(tiny_model.config.vocab_size)
+    results = {r.method: r for r in evaluate_methods(tiny_model, windows, ["int8-token", "int2-token"])}
+    assert list(results)[0] == "fp16" and results["fp16"].delta == 0
+    assert abs(results["int8-token"].delta) < 1e-2 * results["fp16"].ppl
+    assert abs(results["int2-token"].delta) > 10 * abs(results["int8-token"].delta)
+    # Hooks are removed afterwards: the model is unquantized again.
+    nll, count = window_nll(tiny_model, windows, Unquantized())
+    assert math.exp(nll / count) == pytest.approx(results["fp16"].ppl, rel=1e-6)
+
+
+def test_smollm2_harness_equals_model_loss(smollm2_dir):
+    model, tokenizer = load_eval_model(smollm2_dir)
+    ids = tokenize(tokenizer, "The quick brown fox jumps over the lazy dog. " * 40)
+    windows = make_windows(ids, 128, max_windows=2)
+    nll, count = window_nll(model, windows, Unquantized())
+    with torch.no_grad():
+        loss = torch.stack([model(w[None], labels=w[None]).loss for w in windows]).mean()
+    assert math.exp(nll / count) == pytest.approx(math.exp(loss.item()), rel=1e-5)
+    assert attention_geometry(model.config).num_kv_heads == 3
+
+
+def test_make_windows():
+    ids = torch.arange(10)
+    assert make_windows(ids, 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert make_windows(ids, 3, max_windows=1).shape == (1, 3)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        make_windows(ids, 11)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (GPT2Config(), "no rotary position embedding"),
+        (MistralConfig(sliding_window=4096), "sliding-window"),
+        (DeepseekV3Config(), "MLA"),
+    ],
+)
+def test_unsupported_models(config, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        attention_geometry(config)
