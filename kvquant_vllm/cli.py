@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from kvquant_vllm.models import BUNDLED_MODELS, DEFAULT_MODEL
@@ -26,11 +27,38 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from kvquant_vllm.fsutil import atomic_write_text
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    report = run_ppl(args.model, methods, args.seq_len, args.max_windows, args.text, args.text_file)
+    report = run_ppl(
+        args.model, methods, args.seq_len, args.max_windows, args.text, args.text_file, args.calibration or []
+    )
     print(report.describe())
     print(format_table(report.results))
     if args.json:
         atomic_write_text(args.json, report.to_json(" ".join(["kvquant-vllm", *sys.argv[1:]])))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from kvquant_vllm.calib.run import calibrate_model
+    from kvquant_vllm.quant.kvquant import CalibrationSpec
+
+    spec = CalibrationSpec(
+        bits=args.bits,
+        outlier_fraction=args.outliers,
+        fisher=not args.no_fisher,
+        key_position="post-rope" if args.post_rope else "pre-rope",
+        key_granularity="token" if args.per_token_keys else "channel",
+    )
+    path = calibrate_model(
+        args.model,
+        spec,
+        text=args.text,
+        text_file=args.text_file,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        num_workers=args.num_workers,
+        ray_address=args.ray_address,
+        out=args.out,
+    )
+    print(path)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -57,7 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument("--json", help="write the results as JSON to this path")
+    p.add_argument(
+        "--calibration",
+        action="append",
+        help="calibration file for the kvquant methods (repeatable: each method takes the one made for it)",
+    )
     p.set_defaults(func=cmd_eval_ppl)
+
+    p = sub.add_parser("calibrate", help="calibrate KVQuant thresholds and codebooks for a model (Ray job)")
+    p.add_argument("model", help="local Hugging Face model directory or bundled model name")
+    p.add_argument("--bits", type=int, required=True, choices=(2, 3, 4))
+    p.add_argument("--outliers", type=float, default=0.01, help="fraction of elements kept as sparse outliers")
+    _add_text_args(p)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--ray-address", help="Ray cluster to run the per-layer tasks on (default: a local one)")
+    p.add_argument(
+        "--num-workers", type=int, default=os.cpu_count() or 1, help="local Ray CPUs; 0 calibrates in-process"
+    )
+    p.add_argument("--out", help="output file (default: MODEL_DIR/kvquant_calibration.safetensors)")
+    ablation = p.add_argument_group("ablations")
+    ablation.add_argument("--no-fisher", action="store_true", help="unweighted k-means codebooks")
+    ablation.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE")
+    ablation.add_argument("--per-token-keys", action="store_true", help="keys per token instead of per channel")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="generate with vLLM and print a perplexity table")
     p.add_argument("--model", default=DEFAULT_MODEL)

@@ -5,9 +5,10 @@ import torch
 from transformers import DeepseekV3Config, GPT2Config, MistralConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kvquant_vllm.eval.fakequant import UnsupportedModelError, attention_geometry, fake_quantized
+from kvquant_vllm.eval.fakequant import fake_quantized
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize, window_nll
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
+from kvquant_vllm.quant.geometry import UnsupportedModelError, attention_geometry
 
 
 class Recorder(KVCodec):

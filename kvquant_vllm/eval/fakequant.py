@@ -8,40 +8,12 @@ the rotation.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from kvquant_vllm.quant.codec import Kind, KVCodec
-
-
-class UnsupportedModelError(ValueError):
-    """The model's attention is not one this package can quantize."""
-
-
-@dataclass(frozen=True)
-class AttentionGeometry:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-
-def attention_geometry(config) -> AttentionGeometry:
-    """Layers, kv heads and head dim of a RoPE decoder; UnsupportedModelError otherwise."""
-    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
-        raise UnsupportedModelError(f"{config.model_type}: MLA (latent) attention is not supported")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise UnsupportedModelError(f"{config.model_type}: sliding-window attention layers are not supported")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)
-    if rope is None or getattr(config, "position_embedding_type", "rope") != "rope":
-        raise UnsupportedModelError(
-            f"{config.model_type}: no rotary position embedding; KVQuant's pre-RoPE keys need a RoPE model"
-        )
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return AttentionGeometry(config.num_hidden_layers, kv_heads, head_dim)
+from kvquant_vllm.quant.geometry import AttentionGeometry, UnsupportedModelError, attention_geometry
 
 
 def kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:

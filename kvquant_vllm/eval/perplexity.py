@@ -6,14 +6,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvquant_vllm.eval.fakequant import attention_geometry, fake_quantized
+from kvquant_vllm.eval.fakequant import fake_quantized
+from kvquant_vllm.quant.geometry import attention_geometry
 from kvquant_vllm.quant.codec import KVCodec
-from kvquant_vllm.quant.registry import get_codec
+from kvquant_vllm.quant.kvquant import KVQuantCalibration
+from kvquant_vllm.quant.registry import MissingCalibrationError, check_method, get_codec, needs_calibration
 
 
 @dataclass
@@ -53,9 +56,15 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, codec: KVCodec, de
     return total, count
 
 
-def evaluate_methods(model: torch.nn.Module, windows: torch.Tensor, methods: list[str]) -> list[PplResult]:
+def evaluate_methods(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    methods: list[str],
+    calibrations: Sequence[KVQuantCalibration] = (),
+) -> list[PplResult]:
     """Perplexity of every method on the same windows; the unquantized run is always first."""
-    codecs = [get_codec(m) for m in dict.fromkeys(["fp16", *methods])]  # validate all names before running any
+    # Build every codec before running any, so a bad name or a missing calibration fails at once.
+    codecs = [get_codec(m, calibrations) for m in dict.fromkeys(["fp16", *methods])]
     geometry = attention_geometry(model.config)
     seq_len = windows.shape[1]
     results: list[PplResult] = []
@@ -72,7 +81,7 @@ def load_eval_model(model_dir: str | Path) -> tuple[torch.nn.Module, object]:
     """A Hugging Face causal LM in float32 on CPU (eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     attention_geometry(model.config)
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
@@ -120,16 +129,29 @@ def run_ppl(
     max_windows: int | None = None,
     text: str | None = None,
     text_file: str | None = None,
+    calibration_files: Sequence[str | Path] = (),
 ) -> PplReport:
-    """Resolve the model, load the text, and evaluate every method (plus fp16) on the same windows."""
+    """Resolve the model, load the text, and evaluate every method (plus fp16) on the same windows.
+
+    Calibrated methods need ``calibration_files`` (no calibration on the fly: it would hide which
+    text the tables came from).
+    """
+    from kvquant_vllm.calib.file import read_calibration
     from kvquant_vllm.data import load_text
     from kvquant_vllm.models import resolve_model
 
     for m in methods:
-        get_codec(m)  # unknown names fail before the model loads
+        check_method(m)  # unknown names fail before the model loads
+    if any(needs_calibration(m) for m in methods) and not calibration_files:
+        raise MissingCalibrationError(
+            "the kvquant methods need --calibration PATH; make one with "
+            "`kvquant-vllm calibrate MODEL --bits B --text SOURCE --out PATH`"
+        )
     model_dir = resolve_model(model)
     corpus = load_text(text, text_file)
     hf_model, tokenizer = load_eval_model(model_dir)
+    geometry = attention_geometry(hf_model.config)
+    calibrations = [read_calibration(f, geometry) for f in calibration_files]
     windows = make_windows(tokenize(tokenizer, corpus), seq_len, max_windows)
-    results = evaluate_methods(hf_model, windows, methods)
+    results = evaluate_methods(hf_model, windows, methods, calibrations)
     return PplReport(model, text or str(text_file), seq_len, windows.shape[0], results)

@@ -1,0 +1,117 @@
+"""The calibration file: one safetensors file, a JSON header in its metadata, tensors per layer.
+
+Header (metadata key ``kvquant``): format version, model name and fingerprint (layers, kv heads,
+head dim, RoPE), method and calibration spec (bits, outlier fraction, Fisher weighting, key
+position and granularity), and where the calibration text came from (source, samples, length).
+Tensors: ``layers.{i}.{key_scale,key_offset,key_codebook,value_codebook,key_qnorm,value_qnorm}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from kvquant_vllm.fsutil import atomic_path
+from kvquant_vllm.quant.geometry import AttentionGeometry
+from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration, LayerCalibration
+
+FORMAT_VERSION = 1
+HEADER_KEY = "kvquant"
+DEFAULT_FILENAME = "kvquant_calibration.safetensors"
+
+
+class CalibrationError(ValueError):
+    """A calibration file that is missing, corrupted, or made for another model or method."""
+
+
+def default_calibration_path(model_dir: str | os.PathLike) -> Path:
+    return Path(model_dir) / DEFAULT_FILENAME
+
+
+def _expected_shapes(geo: AttentionGeometry, bits: int) -> dict[str, tuple[int, ...]]:
+    return {
+        "key_scale": (geo.num_kv_heads, geo.head_dim),
+        "key_offset": (geo.num_kv_heads, geo.head_dim),
+        "key_codebook": (1 << bits,),
+        "value_codebook": (1 << bits,),
+        "key_qnorm": (2,),
+        "value_qnorm": (2,),
+    }
+
+
+def write_calibration(path: str | os.PathLike, cal: KVQuantCalibration) -> Path:
+    """Write ``cal`` to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    header = {
+        "format_version": FORMAT_VERSION,
+        "method": "kvquant",
+        "model": cal.model_name,
+        "fingerprint": cal.geometry.fingerprint(),
+        "spec": asdict(cal.spec),
+        **cal.info,
+    }
+    tensors = {
+        f"layers.{i}.{name}": getattr(layer, name).float().contiguous()
+        for i, layer in enumerate(cal.layers)
+        for name in LayerCalibration.TENSORS
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
+    return path
+
+
+def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None = None) -> KVQuantCalibration:
+    """Read and validate a calibration file; with ``geometry``, also check it was made for that model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    remedy = "re-create it with `kvquant-vllm calibrate MODEL --bits B --out PATH`"
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist; create it with `kvquant-vllm calibrate`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise CalibrationError(f"calibration file {path} is corrupted or truncated ({e}); {remedy}") from e
+    if HEADER_KEY not in metadata:
+        raise CalibrationError(f"{path} is not a kvquant calibration file (no '{HEADER_KEY}' header); {remedy}")
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+        version = header["format_version"]
+        spec = CalibrationSpec(**header["spec"])
+        file_geo = AttentionGeometry(**header["fingerprint"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CalibrationError(f"{path}: malformed header ({e}); {remedy}") from e
+    if version != FORMAT_VERSION:
+        raise CalibrationError(
+            f"{path}: calibration format version {version}, this kvquant-vllm reads version {FORMAT_VERSION}; {remedy}"
+        )
+    if geometry is not None and file_geo != geometry:
+        raise CalibrationError(
+            f"{path} was made for model {header.get('model')!r} with {file_geo}, "
+            f"but the model being used has {geometry}; calibrate this model with `kvquant-vllm calibrate`"
+        )
+    expected = _expected_shapes(file_geo, spec.bits)
+    layers = []
+    for i in range(file_geo.num_layers):
+        fields = {}
+        for name, shape in expected.items():
+            key = f"layers.{i}.{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise CalibrationError(f"{path}: tensor {key} is missing; {remedy}")
+            if tuple(t.shape) != shape:
+                raise CalibrationError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {shape}; {remedy}")
+            if not torch.isfinite(t).all():
+                raise CalibrationError(f"{path}: tensor {key} holds NaN or infinite values; {remedy}")
+            fields[name] = t.float()
+        layers.append(LayerCalibration(**fields))
+    info = {k: v for k, v in header.items() if k not in ("format_version", "method", "model", "fingerprint", "spec")}
+    return KVQuantCalibration(spec, file_geo, layers, header.get("model", ""), info)

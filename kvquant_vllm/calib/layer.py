@@ -1,0 +1,81 @@
+"""Calibration of one layer from its activations: thresholds, codebooks, Q-Norm.
+
+Pure function of its inputs, so it runs the same inline or as a Ray task.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvquant_vllm.calib.collect import LayerActivations
+from kvquant_vllm.quant.codebook import qnorm_params, weighted_kmeans_1d
+from kvquant_vllm.quant.geometry import AttentionGeometry
+from kvquant_vllm.quant.kvquant import (
+    CalibrationSpec,
+    LayerCalibration,
+    normalize_per_channel,
+    normalize_per_vector,
+    outliers_per_vector,
+)
+from kvquant_vllm.quant.rope import apply_rope, rope_cos_sin
+
+
+def channel_thresholds(x: torch.Tensor, outlier_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel lower/upper thresholds [H, D] of x [N, H, D]: the fraction/2 and 1-fraction/2 quantiles.
+
+    kthvalue rather than torch.quantile, which refuses large inputs.
+    """
+    n = x.shape[0]
+    if outlier_fraction <= 0:
+        return x.amin(0), x.amax(0)
+    k_lo = max(1, int(round(n * outlier_fraction / 2)))
+    lower = x.kthvalue(k_lo, dim=0).values
+    upper = x.kthvalue(n - k_lo + 1, dim=0).values
+    return lower, upper
+
+
+def calibrate_layer(
+    act: LayerActivations,
+    spec: CalibrationSpec,
+    geometry: AttentionGeometry,
+    positions: torch.Tensor,
+    seed: int = 0,
+) -> LayerCalibration:
+    """Thresholds, codebooks and Q-Norm for one layer.
+
+    act: calibration activations of the layer; positions [N] the token positions of its rows
+    (needed for post-RoPE keys). seed makes the k-means subsample reproducible.
+    """
+    torch.set_num_threads(1)  # one layer per worker; results must not depend on the thread count
+    k = 1 << spec.bits
+    keys, key_grad = act.keys, act.key_grad
+    if spec.key_position == "post-rope":
+        # RoPE is a rotation R: k_post = R k_pre, so dL/dk_post = R dL/dk_pre exactly.
+        cos, sin = rope_cos_sin(positions, geometry.head_dim, geometry.rope_theta)
+        keys, key_grad = apply_rope(keys, cos, sin), apply_rope(key_grad, cos, sin)
+
+    if spec.key_granularity == "channel":
+        lower, upper = channel_thresholds(keys, spec.outlier_fraction)
+        key_scale = ((upper - lower) / 2).clamp_min(1e-4)
+        key_offset = (upper + lower) / 2
+        kn, kmask = normalize_per_channel(keys, key_scale, key_offset, spec.outlier_fraction > 0)
+    else:
+        key_scale = torch.ones(geometry.num_kv_heads, geometry.head_dim)
+        key_offset = torch.zeros(geometry.num_kv_heads, geometry.head_dim)
+        kn, kmask, _, _ = normalize_per_vector(keys, outliers_per_vector(spec.outlier_fraction, geometry.head_dim))
+    vn, vmask, _, _ = normalize_per_vector(act.values, outliers_per_vector(spec.outlier_fraction, geometry.head_dim))
+
+    books = {}
+    for name, xn, mask, grad in (("key", kn, kmask, key_grad), ("value", vn, vmask, act.value_grad)):
+        inliers = xn[~mask].clamp(-1, 1)
+        weights = grad[~mask].square() if spec.fisher else None  # Fisher information
+        book = weighted_kmeans_1d(inliers, weights, k, seed=seed)
+        books[name] = (book, qnorm_params(inliers, book))
+    return LayerCalibration(
+        key_scale=key_scale.float(),
+        key_offset=key_offset.float(),
+        key_codebook=books["key"][0],
+        value_codebook=books["value"][0],
+        key_qnorm=books["key"][1],
+        value_qnorm=books["value"][1],
+    )

@@ -1,0 +1,106 @@
+"""Calibration driver: collect activations once, calibrate every layer as a Ray task, write the file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kvquant_vllm.calib.collect import LayerActivations, collect_activations
+from kvquant_vllm.calib.file import default_calibration_path, write_calibration
+from kvquant_vllm.calib.layer import calibrate_layer
+from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
+from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration, LayerCalibration
+
+logger = logging.getLogger(__name__)
+
+
+def calibrate_layers(
+    activations: list[LayerActivations],
+    spec: CalibrationSpec,
+    geometry: AttentionGeometry,
+    positions: torch.Tensor,
+    num_workers: int = 0,
+    ray_address: str | None = None,
+) -> list[LayerCalibration]:
+    """One calibration per layer; ``num_workers=0`` and no ``ray_address`` runs inline, else one Ray task a layer.
+
+    With ``ray_address`` the tasks go to that cluster (``auto`` for the one this process runs in);
+    otherwise a local cluster of ``num_workers`` CPUs is started for the job.
+    """
+    if num_workers == 0 and ray_address is None:
+        return [
+            calibrate_layer(act, spec, geometry, positions, seed=i)
+            for i, act in enumerate(tqdm(activations, desc="calibrating layers"))
+        ]
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1)(calibrate_layer)
+        positions_ref = ray.put(positions)
+        refs = [task.remote(ray.put(act), spec, geometry, positions_ref, seed=i) for i, act in enumerate(activations)]
+        pending = list(refs)
+        with tqdm(total=len(refs), desc=f"calibrating layers (Ray, {len(refs)} tasks)") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return ray.get(refs)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def calibrate_model(
+    model: str,
+    spec: CalibrationSpec,
+    text: str | None = None,
+    text_file: str | None = None,
+    samples: int = 16,
+    seq_len: int = 2048,
+    num_workers: int = 0,
+    ray_address: str | None = None,
+    out: str | Path | None = None,
+    sink_tokens: int = 1,
+) -> Path:
+    """Calibrate ``model`` (bundled name or model directory) and write the calibration file.
+
+    Returns its path (default ``MODEL_DIR/kvquant_calibration.safetensors``).
+    """
+    from kvquant_vllm.data import load_text
+    from kvquant_vllm.eval.perplexity import load_eval_model, make_windows, tokenize
+    from kvquant_vllm.models import resolve_model
+
+    if spec.bits not in (2, 3, 4):
+        raise ValueError(f"--bits must be 2, 3 or 4, got {spec.bits}")
+    if not 0 <= spec.outlier_fraction < 0.5:
+        raise ValueError(f"--outliers must be a fraction in [0, 0.5), got {spec.outlier_fraction}")
+    model_dir = resolve_model(model)
+    corpus = load_text(text, text_file)
+    hf_model, tokenizer = load_eval_model(model_dir)
+    geometry = attention_geometry(hf_model.config)
+    windows = make_windows(tokenize(tokenizer, corpus), seq_len, samples)
+    if windows.shape[0] < samples:
+        logger.warning("text holds only %d windows of %d tokens; calibrating on those", windows.shape[0], seq_len)
+    activations = collect_activations(hf_model, windows, skip_tokens=sink_tokens)
+    del hf_model
+    positions = torch.arange(sink_tokens, seq_len).repeat(windows.shape[0])
+    layers = calibrate_layers(activations, spec, geometry, positions, num_workers, ray_address)
+    info = {
+        "text": text or str(text_file),
+        "samples": int(windows.shape[0]),
+        "seq_len": seq_len,
+        "sink_tokens": sink_tokens,
+    }
+    calibration = KVQuantCalibration(spec, geometry, layers, Path(model).name, info)
+    path = Path(out) if out else default_calibration_path(model_dir)
+    write_calibration(path, calibration)
+    logger.info("wrote %s", path)
+    return path

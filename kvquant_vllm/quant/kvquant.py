@@ -1,0 +1,232 @@
+"""The KVQuant codec (Hooper et al., 2024).
+
+- Keys per channel with calibrated (scale, offset), quantized **before RoPE** by default.
+- Values per token and kv head, (scale, offset) from the token's inliers, computed online.
+- Non-uniform codebooks: one 2**bits-entry codebook per layer for keys and one for values, in the
+  normalised space [-1, 1], learned offline by Fisher-weighted k-means.
+- Dense-and-sparse: outliers kept exactly (fp16) in a sparse list and left out of the dense range;
+  keys by calibrated per-channel thresholds, values by an online per-vector top-k.
+- Q-Norm: the dequantization codebook rescaled to keep the calibration mean/std (used at 2 bits).
+- Attention sink: the first tokens of a sequence kept in 16 bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+from kvquant_vllm.quant.codebook import nearest_code, uniform_codebook
+from kvquant_vllm.quant.codec import Kind, KVCodec
+from kvquant_vllm.quant.geometry import AttentionGeometry
+from kvquant_vllm.quant.packing import pack_codes, unpack_codes
+from kvquant_vllm.quant.rope import apply_rope, invert_rope, rope_cos_sin
+
+OUTLIER_BITS = 32  # fp16 value + 16-bit position
+SIDE_BITS = 16  # fp16 per-vector scale and offset
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """What a calibration was computed for; a method runs only with a calibration of its spec."""
+
+    bits: int
+    outlier_fraction: float = 0.01
+    fisher: bool = True
+    key_position: Literal["pre-rope", "post-rope"] = "pre-rope"
+    key_granularity: Literal["channel", "token"] = "channel"
+
+    def calibrate_flags(self) -> str:
+        """The `kvquant-vllm calibrate` flags that produce a calibration of this spec."""
+        flags = [f"--bits {self.bits}", f"--outliers {self.outlier_fraction:g}"]
+        if not self.fisher:
+            flags.append("--no-fisher")
+        if self.key_position == "post-rope":
+            flags.append("--post-rope")
+        if self.key_granularity == "token":
+            flags.append("--per-token-keys")
+        return " ".join(flags)
+
+
+@dataclass(frozen=True)
+class KVQuantOptions:
+    """One kvquant method: the calibration it needs plus run-time switches (for ablations)."""
+
+    spec: CalibrationSpec
+    nonuniform: bool = True
+    qnorm: bool = False
+    sink_tokens: int = 1
+
+
+@dataclass
+class LayerCalibration:
+    """One layer's tables. Keys: inliers of channel c lie in offset[c] +- scale[c]."""
+
+    key_scale: torch.Tensor  # [num_kv_heads, head_dim] float32
+    key_offset: torch.Tensor  # [num_kv_heads, head_dim] float32
+    key_codebook: torch.Tensor  # [2**bits] float32, sorted, in [-1, 1]
+    value_codebook: torch.Tensor  # [2**bits] float32, sorted
+    key_qnorm: torch.Tensor  # [2] float32: scale, offset applied to the key codebook
+    value_qnorm: torch.Tensor  # [2] float32
+
+    TENSORS = ("key_scale", "key_offset", "key_codebook", "value_codebook", "key_qnorm", "value_qnorm")
+
+
+@dataclass
+class KVQuantCalibration:
+    """A whole model's calibration, as held in the calibration file."""
+
+    spec: CalibrationSpec
+    geometry: AttentionGeometry
+    layers: list[LayerCalibration]
+    model_name: str = ""
+    info: dict = field(default_factory=dict)  # text source, sample count and length
+
+
+def outliers_per_vector(outlier_fraction: float, head_dim: int) -> int:
+    """Outliers kept per token-head vector when selected online by top-k (at least 1 if any)."""
+    return 0 if outlier_fraction <= 0 else max(1, round(outlier_fraction * head_dim))
+
+
+def vector_outlier_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` elements of each vector (last dim) farthest from the vector's median: bool, shape of x."""
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if k == 0:
+        return mask
+    deviation = (x - x.median(dim=-1, keepdim=True).values).abs()
+    return mask.scatter_(-1, deviation.topk(k, dim=-1).indices, True)
+
+
+def normalize_per_vector(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-vector normalisation of x [..., D] around the range of its inliers.
+
+    returns xn (inliers in [-1, 1]), outlier mask, scale and offset ([..., 1] fp16, as stored).
+    """
+    x = x.float()
+    mask = vector_outlier_mask(x, k)
+    hi = torch.where(mask, -math.inf, x).amax(-1, keepdim=True)
+    lo = torch.where(mask, math.inf, x).amin(-1, keepdim=True)
+    offset = ((hi + lo) / 2).half()
+    scale = ((hi - lo) / 2).clamp_min(1e-4).half()
+    return (x - offset.float()) / scale.float(), mask, scale, offset
+
+
+def normalize_per_channel(
+    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, outliers: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H, D] normalised by calibrated per-channel scale/offset [H, D]; outliers lie outside [-1, 1]."""
+    xn = (x.float() - offset) / scale
+    mask = xn.abs() > 1 if outliers else torch.zeros_like(xn, dtype=torch.bool)
+    return xn, mask
+
+
+@dataclass
+class KVQuantPacked:
+    kind: Kind
+    layer: int
+    shape: tuple[int, int, int]  # [num_tokens, num_kv_heads, head_dim]
+    codes: torch.Tensor  # [T, H, packed_numel(D, bits)] uint8
+    scale: torch.Tensor | None  # [T, H, 1] fp16 (per-vector) or None (per-channel, calibrated)
+    offset: torch.Tensor | None
+    outlier_index: torch.Tensor  # [M] int64, flat index into [T, H, D]
+    outlier_value: torch.Tensor  # [M] fp16
+    sink: torch.Tensor  # [min(sink_tokens, T), H, D] fp16
+
+
+class KVQuantCodec(KVCodec):
+    """KVQuant encode/decode of one sequence's keys or values with a model's calibration."""
+
+    def __init__(self, name: str, options: KVQuantOptions, calibration: KVQuantCalibration) -> None:
+        if calibration.spec != options.spec:
+            raise ValueError(f"{name}: calibration is for {calibration.spec}, the method needs {options.spec}")
+        self.name = name
+        self.options = options
+        self.calibration = calibration
+        self.bits = options.spec.bits
+
+    def _codebooks(self, kind: Kind, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encode codebook, decode codebook) for ``kind`` at ``layer``."""
+        cal = self.calibration.layers[layer]
+        if not self.options.nonuniform:
+            book = uniform_codebook(self.bits)
+            return book, book
+        book = cal.key_codebook if kind == "key" else cal.value_codebook
+        if not self.options.qnorm:
+            return book, book
+        qn = cal.key_qnorm if kind == "key" else cal.value_qnorm
+        return book, book * qn[0] + qn[1]
+
+    def _per_channel(self, kind: Kind) -> bool:
+        return kind == "key" and self.options.spec.key_granularity == "channel"
+
+    def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        geo = self.calibration.geometry
+        return rope_cos_sin(torch.arange(num_tokens), geo.head_dim, geo.rope_theta)
+
+    def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> KVQuantPacked:
+        """x: [num_tokens, num_kv_heads, head_dim] (keys pre-RoPE, the sequence starting at position 0)."""
+        spec = self.options.spec
+        x = x.float()
+        if kind == "key" and spec.key_position == "post-rope":
+            x = apply_rope(x, *self._rope(x.shape[0]))
+        if self._per_channel(kind):
+            cal = self.calibration.layers[layer]
+            xn, mask = normalize_per_channel(x, cal.key_scale, cal.key_offset, spec.outlier_fraction > 0)
+            scale = offset = None
+        else:
+            k = outliers_per_vector(spec.outlier_fraction, x.shape[-1])
+            xn, mask, scale, offset = normalize_per_vector(x, k)
+        encode_book, _ = self._codebooks(kind, layer)
+        codes = pack_codes(nearest_code(xn.clamp(-1, 1), encode_book), self.bits)
+        flat = mask.reshape(-1).nonzero().squeeze(-1)
+        sink = x[: self.options.sink_tokens].half()
+        return KVQuantPacked(kind, layer, tuple(x.shape), codes, scale, offset, flat, x.reshape(-1)[flat].half(), sink)
+
+    def decode(self, p: KVQuantPacked) -> torch.Tensor:
+        t, h, d = p.shape
+        _, decode_book = self._codebooks(p.kind, p.layer)
+        xn = decode_book[unpack_codes(p.codes, self.bits, d).long()]
+        if p.scale is None:
+            cal = self.calibration.layers[p.layer]
+            x = xn * cal.key_scale + cal.key_offset
+        else:
+            x = xn * p.scale.float() + p.offset.float()
+        x = x.reshape(-1).index_put((p.outlier_index,), p.outlier_value.float()).reshape(t, h, d)
+        x[: p.sink.shape[0]] = p.sink.float()
+        if p.kind == "key" and self.options.spec.key_position == "post-rope":
+            x = invert_rope(x, *self._rope(t))
+        return x
+
+    def bits_per_element(self, head_dim: int, seq_len: int) -> float:
+        spec = self.options.spec
+        per_vector = self.bits + 2 * SIDE_BITS / head_dim
+        per_vector += outliers_per_vector(spec.outlier_fraction, head_dim) * OUTLIER_BITS / head_dim
+        per_channel = self.bits + spec.outlier_fraction * OUTLIER_BITS  # tables are per layer, not per token
+        key_bits = per_channel if spec.key_granularity == "channel" else per_vector
+        sink = min(self.options.sink_tokens, seq_len) / seq_len * 16  # stored beside its codes
+        return (key_bits + per_vector) / 2 + sink
+
+
+def kvquant_methods() -> dict[str, KVQuantOptions]:
+    """The kvquant methods and the ablations that remove one technique at a time."""
+    methods = {
+        "kvquant4": KVQuantOptions(CalibrationSpec(4)),
+        "kvquant3": KVQuantOptions(CalibrationSpec(3)),
+        "kvquant2": KVQuantOptions(CalibrationSpec(2), qnorm=True),
+    }
+    k3, k2 = methods["kvquant3"], methods["kvquant2"]
+    methods.update(
+        {
+            "kvquant3-nooutliers": replace(k3, spec=replace(k3.spec, outlier_fraction=0.0)),
+            "kvquant3-uniform": replace(k3, nonuniform=False),
+            "kvquant3-nofisher": replace(k3, spec=replace(k3.spec, fisher=False)),
+            "kvquant3-postrope": replace(k3, spec=replace(k3.spec, key_position="post-rope")),
+            "kvquant3-tokenkeys": replace(k3, spec=replace(k3.spec, key_granularity="token")),
+            "kvquant3-nosink": replace(k3, sink_tokens=0),
+            "kvquant3-qnorm": replace(k3, qnorm=True),
+            "kvquant2-noqnorm": replace(k2, qnorm=False),
+        }
+    )
+    return methods
