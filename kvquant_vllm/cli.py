@@ -47,16 +47,15 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         key_position="post-rope" if args.post_rope else "pre-rope",
         key_granularity="token" if args.per_token_keys else "channel",
     )
-    path = calibrate_model(
+    (path,) = calibrate_model(
         args.model,
-        spec,
+        {spec: args.out},
         text=args.text,
         text_file=args.text_file,
         samples=args.samples,
         seq_len=args.seq_len,
         num_workers=args.num_workers,
         ray_address=args.ray_address,
-        out=args.out,
     )
     print(path)
 

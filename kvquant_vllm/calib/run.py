@@ -19,22 +19,33 @@ logger = logging.getLogger(__name__)
 
 def calibrate_layers(
     activations: list[LayerActivations],
-    spec: CalibrationSpec,
+    specs: list[CalibrationSpec],
     geometry: AttentionGeometry,
     positions: torch.Tensor,
     num_workers: int = 0,
     ray_address: str | None = None,
-) -> list[LayerCalibration]:
-    """One calibration per layer; ``num_workers=0`` and no ``ray_address`` runs inline, else one Ray task a layer.
+) -> dict[CalibrationSpec, list[LayerCalibration]]:
+    """Every layer's calibration for every spec.
 
-    With ``ray_address`` the tasks go to that cluster (``auto`` for the one this process runs in);
-    otherwise a local cluster of ``num_workers`` CPUs is started for the job.
+    ``num_workers=0`` and no ``ray_address`` runs inline; otherwise one Ray task per (spec, layer),
+    on the cluster at ``ray_address`` (``auto``: the one this process runs in) or on a local cluster
+    of ``num_workers`` CPUs started for the job. Each layer's activations are shipped once.
     """
+    jobs = [(spec, i) for spec in specs for i in range(len(activations))]
     if num_workers == 0 and ray_address is None:
-        return [
-            calibrate_layer(act, spec, geometry, positions, seed=i)
-            for i, act in enumerate(tqdm(activations, desc="calibrating layers"))
+        results = [
+            calibrate_layer(activations[i], spec, geometry, positions, seed=i)
+            for spec, i in tqdm(jobs, desc="calibrating layers")
         ]
+    else:
+        results = _run_on_ray(jobs, activations, geometry, positions, num_workers, ray_address)
+    by_spec: dict[CalibrationSpec, list[LayerCalibration]] = {spec: [] for spec in specs}
+    for (spec, _), layer in zip(jobs, results):
+        by_spec[spec].append(layer)
+    return by_spec
+
+
+def _run_on_ray(jobs, activations, geometry, positions, num_workers, ray_address) -> list[LayerCalibration]:
     import ray
 
     started = not ray.is_initialized()
@@ -46,7 +57,8 @@ def calibrate_layers(
     try:
         task = ray.remote(num_cpus=1)(calibrate_layer)
         positions_ref = ray.put(positions)
-        refs = [task.remote(ray.put(act), spec, geometry, positions_ref, seed=i) for i, act in enumerate(activations)]
+        act_refs = [ray.put(act) for act in activations]
+        refs = [task.remote(act_refs[i], spec, geometry, positions_ref, seed=i) for spec, i in jobs]
         pending = list(refs)
         with tqdm(total=len(refs), desc=f"calibrating layers (Ray, {len(refs)} tasks)") as bar:
             while pending:
@@ -60,28 +72,29 @@ def calibrate_layers(
 
 def calibrate_model(
     model: str,
-    spec: CalibrationSpec,
+    specs: dict[CalibrationSpec, str | Path | None],
     text: str | None = None,
     text_file: str | None = None,
     samples: int = 16,
     seq_len: int = 2048,
     num_workers: int = 0,
     ray_address: str | None = None,
-    out: str | Path | None = None,
     sink_tokens: int = 1,
-) -> Path:
-    """Calibrate ``model`` (bundled name or model directory) and write the calibration file.
+) -> list[Path]:
+    """Calibrate ``model`` (bundled name or model directory) for every spec and write one file per spec.
 
-    Returns its path (default ``MODEL_DIR/kvquant_calibration.safetensors``).
+    ``specs`` maps each spec to its output path (None: ``MODEL_DIR/kvquant_calibration.safetensors``).
+    Activations are collected once and shared by all specs. Returns the paths written.
     """
     from kvquant_vllm.data import load_text
     from kvquant_vllm.eval.perplexity import load_eval_model, make_windows, tokenize
     from kvquant_vllm.models import resolve_model
 
-    if spec.bits not in (2, 3, 4):
-        raise ValueError(f"--bits must be 2, 3 or 4, got {spec.bits}")
-    if not 0 <= spec.outlier_fraction < 0.5:
-        raise ValueError(f"--outliers must be a fraction in [0, 0.5), got {spec.outlier_fraction}")
+    for spec in specs:
+        if spec.bits not in (2, 3, 4):
+            raise ValueError(f"--bits must be 2, 3 or 4, got {spec.bits}")
+        if not 0 <= spec.outlier_fraction < 0.5:
+            raise ValueError(f"--outliers must be a fraction in [0, 0.5), got {spec.outlier_fraction}")
     model_dir = resolve_model(model)
     corpus = load_text(text, text_file)
     hf_model, tokenizer = load_eval_model(model_dir)
@@ -92,15 +105,13 @@ def calibrate_model(
     activations = collect_activations(hf_model, windows, skip_tokens=sink_tokens)
     del hf_model
     positions = torch.arange(sink_tokens, seq_len).repeat(windows.shape[0])
-    layers = calibrate_layers(activations, spec, geometry, positions, num_workers, ray_address)
-    info = {
-        "text": text or str(text_file),
-        "samples": int(windows.shape[0]),
-        "seq_len": seq_len,
-        "sink_tokens": sink_tokens,
-    }
-    calibration = KVQuantCalibration(spec, geometry, layers, Path(model).name, info)
-    path = Path(out) if out else default_calibration_path(model_dir)
-    write_calibration(path, calibration)
-    logger.info("wrote %s", path)
-    return path
+    info = {"text": text or str(text_file), "samples": int(windows.shape[0]), "seq_len": seq_len, "sink_tokens": sink_tokens}
+    calibrated = calibrate_layers(activations, list(specs), geometry, positions, num_workers, ray_address)
+    written = []
+    for spec, out in specs.items():
+        layers = calibrated[spec]
+        path = Path(out) if out else default_calibration_path(model_dir)
+        write_calibration(path, KVQuantCalibration(spec, geometry, layers, Path(model).name, info))
+        logger.info("wrote %s (%s)", path, spec)
+        written.append(path)
+    return written

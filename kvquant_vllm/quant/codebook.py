@@ -21,7 +21,7 @@ def weighted_kmeans_1d(
     weights: torch.Tensor | None,
     k: int,
     iters: int = 60,
-    max_samples: int = 2_000_000,
+    max_samples: int = 400_000,
     seed: int = 0,
 ) -> torch.Tensor:
     """Sorted centroids [k] float32 minimising sum(w * (x - c(x))**2) over samples ``x`` [N].
