@@ -1,0 +1,171 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvquant_vllm.calib.collect import collect_activations
+from kvquant_vllm.calib.file import CalibrationError, read_calibration, write_calibration
+from kvquant_vllm.calib.layer import channel_thresholds
+from kvquant_vllm.calib.run import calibrate_layers
+from kvquant_vllm.quant.geometry import attention_geometry
+from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration
+
+SPECS = [CalibrationSpec(3), CalibrationSpec(2, key_position="post-rope")]
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_model):
+    return torch.randint(0, tiny_model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def activations(tiny_model, windows):
+    return collect_activations(tiny_model, windows, skip_tokens=1)
+
+
+@pytest.fixture(scope="module")
+def positions(windows):
+    return torch.arange(1, windows.shape[1]).repeat(windows.shape[0])
+
+
+@pytest.fixture(scope="module")
+def inline(activations, tiny_model, positions):
+    return calibrate_layers(activations, SPECS, attention_geometry(tiny_model.config), positions, num_workers=0)
+
+
+def test_collected_gradients_match_autograd(tiny_model, windows, activations):
+    geo = attention_geometry(tiny_model.config)
+    w = windows[1]
+    for layer in range(geo.num_layers):
+        for kind in ("key", "value"):
+            proj = getattr(tiny_model.model.layers[layer].self_attn, f"{kind[0]}_proj")
+            leaf = {}
+
+            def swap(module, args, out):
+                leaf["x"] = out.detach().requires_grad_(True)
+                return leaf["x"]
+
+            handle = proj.register_forward_hook(swap)
+            try:
+                logits = tiny_model(w[None]).logits[0, :-1]
+                loss = F.cross_entropy(logits.float(), w[1:], reduction="sum")
+                (grad,) = torch.autograd.grad(loss, leaf["x"])
+            finally:
+                handle.remove()
+            act = activations[layer]
+            n = w.numel() - 1
+            collected = (act.key_grad if kind == "key" else act.value_grad)[n : 2 * n]
+            expected = grad[0, 1:].reshape(n, geo.num_kv_heads, geo.head_dim)
+            torch.testing.assert_close(collected, expected, rtol=1e-4, atol=1e-7)
+            # Collected keys are the k_proj output itself: pre-RoPE.
+            stored = (act.keys if kind == "key" else act.values)[n : 2 * n]
+            torch.testing.assert_close(stored, leaf["x"][0, 1:].detach().reshape(n, geo.num_kv_heads, geo.head_dim))
+    assert all(not p.requires_grad or p.grad is None for p in tiny_model.parameters())
+
+
+def test_channel_thresholds_drop_the_requested_fraction(rng):
+    x = torch.randn(10000, 2, 4, generator=rng)
+    lower, upper = channel_thresholds(x, 0.01)
+    outside = ((x < lower) | (x > upper)).float().mean()
+    assert float(outside) == pytest.approx(0.01, abs=0.001)
+    lo, hi = channel_thresholds(x, 0.0)
+    assert torch.equal(lo, x.amin(0)) and torch.equal(hi, x.amax(0))
+
+
+def test_ray_with_two_workers_equals_inline(activations, tiny_model, positions, inline):
+    on_ray = calibrate_layers(
+        activations, SPECS, attention_geometry(tiny_model.config), positions, num_workers=2
+    )
+    for spec in SPECS:
+        for a, b in zip(inline[spec], on_ray[spec]):
+            for name in a.TENSORS:
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-6)
+
+
+def test_calibrated_tables_are_sane(inline, activations):
+    for layer, act in zip(inline[SPECS[0]], activations):
+        assert layer.key_codebook.shape == (8,) and torch.all(layer.key_codebook.diff() > 0)
+        assert layer.key_codebook.abs().max() <= 1.0 + 1e-6
+        inside = ((act.keys - layer.key_offset).abs() <= layer.key_scale * (1 + 1e-5)).float().mean()
+        assert float(inside) > 0.97  # thresholds cut at most ~1% of each channel (fewer on 117 tokens)
+
+
+@pytest.fixture
+def calibration_file(tmp_path, tiny_model, inline):
+    cal = KVQuantCalibration(
+        SPECS[0], attention_geometry(tiny_model.config), inline[SPECS[0]], "tiny-llama", {"text": "random", "samples": 3}
+    )
+    return write_calibration(tmp_path / "cal.safetensors", cal), cal
+
+
+def test_file_round_trip(calibration_file, tiny_model):
+    path, cal = calibration_file
+    back = read_calibration(path, attention_geometry(tiny_model.config))
+    assert back.spec == cal.spec and back.geometry == cal.geometry and back.model_name == "tiny-llama"
+    assert back.info == {"text": "random", "samples": 3}
+    for a, b in zip(cal.layers, back.layers):
+        for name in a.TENSORS:
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    assert [p.name for p in path.parent.iterdir()] == ["cal.safetensors"]  # no temporary left behind
+
+
+def test_file_rejects_another_model(calibration_file):
+    from transformers import LlamaConfig
+
+    path, _ = calibration_file
+    other = attention_geometry(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, hidden_size=64))
+    with pytest.raises(CalibrationError, match="made for model 'tiny-llama'.*num_kv_heads=2.*num_kv_heads=4"):
+        read_calibration(path, other)
+
+
+def _rewrite(path, mutate_header=None, mutate_tensors=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta["kvquant"])
+    if mutate_header:
+        mutate_header(header)
+    if mutate_tensors:
+        mutate_tensors(tensors)
+    save_file(tensors, str(path), metadata={"kvquant": json.dumps(header)})
+
+
+def test_file_rejects_wrong_version(calibration_file):
+    path, _ = calibration_file
+    _rewrite(path, mutate_header=lambda h: h.update(format_version=99))
+    with pytest.raises(CalibrationError, match="format version 99.*reads version 1"):
+        read_calibration(path)
+
+
+def test_file_rejects_truncation(calibration_file):
+    path, _ = calibration_file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CalibrationError, match="corrupted or truncated.*kvquant-vllm calibrate"):
+        read_calibration(path)
+
+
+def test_file_rejects_nan(calibration_file):
+    path, _ = calibration_file
+
+    def poison(t):
+        t["layers.1.key_scale"][0, 3] = math.nan
+
+    _rewrite(path, mutate_tensors=poison)
+    with pytest.raises(CalibrationError, match="layers.1.key_scale holds NaN"):
+        read_calibration(path)
+
+
+def test_file_rejects_missing_and_foreign(tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(CalibrationError, match="does not exist"):
+        read_calibration(tmp_path / "none.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CalibrationError, match="not a kvquant calibration file"):
+        read_calibration(tmp_path / "other.safetensors")

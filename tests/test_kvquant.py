@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+from kvquant_vllm.quant.codebook import uniform_codebook
+from kvquant_vllm.quant.geometry import AttentionGeometry
+from kvquant_vllm.quant.kvquant import (
+    CalibrationSpec,
+    KVQuantCalibration,
+    KVQuantCodec,
+    KVQuantOptions,
+    LayerCalibration,
+    kvquant_methods,
+    outliers_per_vector,
+    vector_outlier_mask,
+)
+from kvquant_vllm.quant.registry import MissingCalibrationError, get_codec
+from kvquant_vllm.quant.rope import apply_rope, invert_rope, rope_cos_sin
+
+H, D = 2, 16
+GEO = AttentionGeometry(num_layers=1, num_kv_heads=H, head_dim=D, rope_theta=10000.0, rope_type="default")
+
+
+def _calibration(spec: CalibrationSpec, rng) -> KVQuantCalibration:
+    k = 1 << spec.bits
+    key_book = torch.sort(torch.rand(k, generator=rng) * 2 - 1).values
+    key_book[0], key_book[-1] = -1.0, 1.0
+    layer = LayerCalibration(
+        key_scale=torch.rand(H, D, generator=rng) + 0.5,
+        key_offset=torch.randn(H, D, generator=rng),
+        key_codebook=key_book,
+        value_codebook=uniform_codebook(spec.bits),
+        key_qnorm=torch.tensor([1.1, -0.05]),
+        value_qnorm=torch.tensor([0.9, 0.02]),
+    )
+    return KVQuantCalibration(spec, GEO, [layer])
+
+
+def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torch.Tensor) -> torch.Tensor:
+    """float64 reference: per-channel normalise, argmin over the codebook, outliers and sink exact."""
+    x = x.double()
+    xn = (x - cal.key_offset.double()) / cal.key_scale.double()
+    out = xn.abs() > 1
+    codes = (xn.clamp(-1, 1)[..., None] - book.double()).abs().argmin(-1)
+    rec = dec_book.double()[codes] * cal.key_scale.double() + cal.key_offset.double()
+    rec = torch.where(out, x.half().double(), rec)
+    rec[0] = x[0].half().double()
+    return rec
+
+
+def test_keys_match_float64_reference(rng):
+    spec = CalibrationSpec(3)
+    cal = _calibration(spec, rng)
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec), cal)
+    layer = cal.layers[0]
+    x = torch.randn(33, H, D, generator=rng) * layer.key_scale * 1.2 + layer.key_offset
+    got = codec.decode(codec.encode(x, "key", 0)).double()
+    ref = _reference_keys(x, layer, layer.key_codebook, layer.key_codebook)
+    assert (got - ref).abs().max() < 1e-5
+    # Outliers (|xn| > 1) are kept, and there are some in this data.
+    assert codec.encode(x, "key", 0).outlier_index.numel() > 0
+
+
+def test_qnorm_changes_only_decoding(rng):
+    spec = CalibrationSpec(2)
+    cal = _calibration(spec, rng)
+    layer = cal.layers[0]
+    codec = KVQuantCodec("kvquant2", KVQuantOptions(spec, qnorm=True), cal)
+    x = torch.randn(20, H, D, generator=rng) * layer.key_scale * 0.8 + layer.key_offset
+    dec_book = layer.key_codebook * layer.key_qnorm[0] + layer.key_qnorm[1]
+    ref = _reference_keys(x, layer, layer.key_codebook, dec_book)
+    assert (codec.decode(codec.encode(x, "key", 0)).double() - ref).abs().max() < 1e-5
+
+
+def test_values_per_token_with_topk_outliers(rng):
+    spec = CalibrationSpec(3)
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, sink_tokens=0), _calibration(spec, rng))
+    x = torch.randn(17, H, D, generator=rng)
+    x[3, 1, 5] = 40.0  # one huge outlier per vector at most (k = 1 for D=16 at 1%)
+    p = codec.encode(x, "value", 0)
+    assert p.scale.shape == (17, H, 1)
+    assert outliers_per_vector(0.01, D) == 1 and p.outlier_index.numel() == 17 * H
+    rec = codec.decode(p)
+    assert rec[3, 1, 5] == pytest.approx(40.0)
+    # Inliers: uniform codebook over each vector's inlier range -> error at most half a step.
+    mask = vector_outlier_mask(x, 1)
+    inl = torch.where(mask, torch.nan, x)
+    step = (inl.nan_to_num(-1e9).amax(-1) - inl.nan_to_num(1e9).amin(-1)) / 7
+    err = (rec - x).abs().masked_fill(mask, 0).amax(-1)
+    assert (err <= step / 2 * 1.01 + 2e-3).all()
+    # The outlier did not stretch its vector's range: the rest of that vector stays accurate.
+    assert float((rec[3, 1] - x[3, 1]).abs().max()) < 0.5
+
+
+def test_vector_outlier_mask_picks_farthest_from_median():
+    x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 100.0, -50.0, 1.5]])
+    assert vector_outlier_mask(x, 2).nonzero()[:, 1].tolist() == [4, 5]
+    assert not vector_outlier_mask(x, 0).any()
+
+
+def test_sink_token_exact(rng):
+    spec = CalibrationSpec(2)
+    codec = KVQuantCodec("kvquant2", KVQuantOptions(spec), _calibration(spec, rng))
+    x = torch.randn(9, H, D, generator=rng)
+    for kind in ("key", "value"):
+        rec = codec.decode(codec.encode(x, kind, 0))
+        assert torch.equal(rec[0], x[0].half().float())
+        assert not torch.equal(rec[1], x[1].half().float())
+
+
+def test_post_rope_round_trip(rng):
+    spec = CalibrationSpec(4, key_position="post-rope")
+    cal = _calibration(spec, rng)
+    cal.layers[0].key_codebook = uniform_codebook(4)
+    codec = KVQuantCodec("kvquant3-postrope", KVQuantOptions(spec), cal)
+    x = torch.randn(12, H, D, generator=rng) * 0.3
+    rec = codec.decode(codec.encode(x, "key", 0))
+    # Quantization happened in the rotated space: the error, rotated forward, respects the per-channel step.
+    cos, sin = rope_cos_sin(torch.arange(12), D, GEO.rope_theta)
+    err_post = (apply_rope(rec, cos, sin) - apply_rope(x, cos, sin)).abs()[1:]
+    assert (err_post <= cal.layers[0].key_scale / 15 + 1e-4).all()
+
+
+def test_rope_inverse_exact(rng):
+    x = torch.randn(50, 3, 64, generator=rng, dtype=torch.float64).float()
+    cos, sin = rope_cos_sin(torch.arange(1000, 1050), 64, 100000.0)
+    assert (invert_rope(apply_rope(x, cos, sin), cos, sin) - x).abs().max() < 1e-5
+
+
+def test_bits_per_element():
+    spec = CalibrationSpec(3)
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec), _calibration(spec, torch.Generator().manual_seed(0)))
+    # keys: 3 + 1% * 32; values (D=64): 3 + 32/64 + 1 outlier * 32/64; sink: 16/2048.
+    expected = ((3 + 0.32) + (3 + 0.5 + 0.5)) / 2 + 16 / 2048
+    assert codec.bits_per_element(64, 2048) == pytest.approx(expected)
+
+
+def test_methods_need_their_calibration(rng):
+    cal3 = _calibration(CalibrationSpec(3), rng)
+    assert get_codec("kvquant3", [cal3]).name == "kvquant3"
+    assert get_codec("kvquant3-uniform", [cal3]).options.nonuniform is False
+    with pytest.raises(MissingCalibrationError, match="--bits 4 --outliers 0.01"):
+        get_codec("kvquant4", [cal3])
+    with pytest.raises(MissingCalibrationError, match="--post-rope"):
+        get_codec("kvquant3-postrope", [cal3])
+    assert set(kvquant_methods()) >= {"kvquant2", "kvquant3", "kvquant4", "kvquant3-nooutliers"}
