@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,43 @@ def test_eval_ppl_end_to_end(tmp_path, smollm2_dir):
     fp16, int4, int3 = (r["ppl"] for r in report["results"])
     assert fp16 < int4 < int3
     assert all(r["tokens"] == 2 * 127 for r in report["results"])
+
+
+def test_kvquant_method_without_calibration(capsys, smollm2_dir):
+    code, out = _run(capsys, "eval", "ppl", "--model", str(smollm2_dir), "--text", "pydoc", "--methods", "kvquant3")
+    assert code == 2
+    assert "need --calibration PATH" in out.err and "kvquant-vllm calibrate" in out.err
+
+
+def test_calibration_job_config(tmp_path):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "calibration"
+    spec = importlib.util.spec_from_file_location("calibration_job", root / "run.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    load_config = job.load_config
+    for config in (root / "configs").glob("*.yaml"):
+        assert load_config(config)["bits"] in (2, 3, 4)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nbits: 3\nbitz: 4\n")
+    with pytest.raises(ValueError, match="unknown keys \\['bitz'\\]"):
+        load_config(bad)
+
+
+def test_calibrate_then_eval(tmp_path, smollm2_dir):
+    """The documented flow on the real model, small: calibrate (Ray, 2 workers), then evaluate kvquant3."""
+    cal = tmp_path / "cal.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvquant_vllm.cli", "calibrate", "smollm2-135m", "--bits", "3", "--text", "pydoc:train",
+         "--samples", "1", "--seq-len", "128", "--num-workers", "2", "--out", str(cal)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvquant_vllm.cli", "eval", "ppl", "--model", "smollm2-135m", "--text", "pydoc:test",
+         "--methods", "kvquant3,kvquant3-uniform", "--calibration", str(cal), "--seq-len", "128", "--max-windows", "2"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| kvquant3 |" in proc.stdout and "| kvquant3-uniform |" in proc.stdout
