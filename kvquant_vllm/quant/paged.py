@@ -1,0 +1,100 @@
+"""The paged layout of a kvquant KV cache and the store/load of tokens into pages (pure PyTorch).
+
+One layer's cache is a uint8 tensor [num_blocks, page_size_bytes]. A page holds ``block_size``
+tokens x ``num_kv_heads`` heads, in sections (each 4-byte aligned):
+
+    key_codes      [block_size, H, packed(D)]  uint8   per-channel keys, codebook indices
+    value_codes    [block_size, H, packed(D)]  uint8   per-token values, codebook indices
+    value_scale    [block_size, H]             fp16
+    value_offset   [block_size, H]             fp16
+    value_out_val  [block_size, H, kv]         fp16    per-vector top-k outliers (kv per vector)
+    value_out_idx  [block_size, H, kv]         uint8   channel of each value outlier
+    key_out_val    [capacity]                  fp16    per-block sparse key outliers
+    key_out_pos    [capacity]                  int32   t * H * D + h * D + d within the page
+    key_out_count  [1]                         int32
+    sink           [2, H, D]                   fp16    K and V of position 0 (pages that start a sequence)
+
+The key outlier list has a fixed capacity; when a page's outliers overflow it, the ones farthest
+outside the calibrated range are kept and nothing is written past the page.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvquant_vllm.quant.packing import packed_numel
+
+DTYPE_BITS = {"kvquant2": 2, "kvquant3": 3, "kvquant4": 4}
+KVQUANT_OUTLIER_FRACTION = 0.01
+ALIGN = 4
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    bits: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    outlier_fraction: float = KVQUANT_OUTLIER_FRACTION
+
+    @property
+    def value_outliers_per_vector(self) -> int:
+        from kvquant_vllm.quant.kvquant import outliers_per_vector
+
+        return outliers_per_vector(self.outlier_fraction, self.head_dim)
+
+    @property
+    def key_outlier_capacity(self) -> int:
+        """Entries in the per-block key outlier list: the nominal fraction of the page's key elements."""
+        if self.outlier_fraction <= 0:
+            return 0
+        return math.ceil(self.outlier_fraction * self.block_size * self.num_kv_heads * self.head_dim)
+
+    def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
+        """name -> (byte offset, shape, dtype) of every section of a page."""
+        bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
+        kv, cap = self.value_outliers_per_vector, self.key_outlier_capacity
+        specs = [
+            ("key_codes", (bs, h, packed_numel(d, self.bits)), torch.uint8),
+            ("value_codes", (bs, h, packed_numel(d, self.bits)), torch.uint8),
+            ("value_scale", (bs, h), torch.float16),
+            ("value_offset", (bs, h), torch.float16),
+            ("value_out_val", (bs, h, kv), torch.float16),
+            ("value_out_idx", (bs, h, kv), torch.uint8),
+            ("key_out_val", (cap,), torch.float16),
+            ("key_out_pos", (cap,), torch.int32),
+            ("key_out_count", (1,), torch.int32),
+            ("sink", (2, h, d), torch.float16),
+        ]
+        out, offset = {}, 0
+        for name, shape, dtype in specs:
+            out[name] = (offset, shape, dtype)
+            offset += _aligned(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
+        return out
+
+    @property
+    def page_size_bytes(self) -> int:
+        offset, shape, dtype = self.sections()["sink"]
+        return offset + _aligned(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
+
+    def view(self, cache: torch.Tensor, name: str) -> torch.Tensor:
+        """Section ``name`` of every page of ``cache`` [num_blocks, page_size_bytes] uint8, as
+        [num_blocks, *shape] of its dtype (a view: writes go to the cache)."""
+        offset, shape, dtype = self.sections()[name]
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        return cache[:, offset : offset + nbytes].view(dtype).reshape(cache.shape[0], *shape)
+
+
+def bits_per_element(dtype: str, head_dim: int, block_size: int, num_kv_heads: int = 1) -> float:
+    """Average bits per K and V element that a ``dtype`` page really occupies, every side table included."""
+    if dtype not in DTYPE_BITS:
+        raise ValueError(f"unknown kvquant cache dtype {dtype!r}; known: {', '.join(DTYPE_BITS)}")
+    layout = PageLayout(DTYPE_BITS[dtype], block_size, num_kv_heads, head_dim)
+    return layout.page_size_bytes * 8 / (2 * block_size * num_kv_heads * head_dim)
