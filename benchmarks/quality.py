@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--calibrate-on", help="text source to calibrate the kvquant methods on")
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=2, help="Ray workers for calibration")
+    p.add_argument("--notes", type=Path, help="markdown file appended under the table (the reading of it)")
     args = p.parse_args()
 
     methods = args.methods.split(",")
@@ -73,6 +74,7 @@ def main() -> None:
             else ""
         )
         + f"Command: `{command}`\n\n{format_table(ordered)}\n"
+        + (f"\n{args.notes.read_text()}" if args.notes else "")
     )
     atomic_write_text(RESULTS / f"{args.name}.md", markdown)
     print(markdown)
