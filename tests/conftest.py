@@ -26,3 +26,22 @@ def tiny_model():
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def kvquant_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 weights beside a kvquant3 calibration in the default place (MODEL_DIR/kvquant_calibration.safetensors).
+
+    A short calibration (4 x 512 tokens of pydoc's first half) keeps the session fast; the quality
+    numbers in benchmarks/results use 16 x 2048.
+    """
+    from kvquant_vllm.calib.file import default_calibration_path
+    from kvquant_vllm.calib.run import calibrate_model
+    from kvquant_vllm.quant.kvquant import kvquant_methods
+
+    model_dir = tmp_path_factory.mktemp("smollm2-kvquant")
+    for f in smollm2_dir.iterdir():
+        (model_dir / f.name).symlink_to(f)
+    calibrate_model(str(model_dir), {kvquant_methods()["kvquant3"].spec: default_calibration_path(model_dir)},
+                    text="pydoc:train", samples=4, seq_len=512)
+    return model_dir

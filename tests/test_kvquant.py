@@ -13,6 +13,7 @@ from kvquant_vllm.quant.kvquant import (
     outliers_per_vector,
     vector_outlier_mask,
 )
+from calib_helpers import random_calibration
 from kvquant_vllm.quant.registry import MissingCalibrationError, get_codec
 from kvquant_vllm.quant.rope import apply_rope, invert_rope, rope_cos_sin
 
@@ -21,18 +22,7 @@ GEO = AttentionGeometry(num_layers=1, num_kv_heads=H, head_dim=D, rope_theta=100
 
 
 def _calibration(spec: CalibrationSpec, rng) -> KVQuantCalibration:
-    k = 1 << spec.bits
-    key_book = torch.sort(torch.rand(k, generator=rng) * 2 - 1).values
-    key_book[0], key_book[-1] = -1.0, 1.0
-    layer = LayerCalibration(
-        key_scale=torch.rand(H, D, generator=rng) + 0.5,
-        key_offset=torch.randn(H, D, generator=rng),
-        key_codebook=key_book,
-        value_codebook=uniform_codebook(spec.bits),
-        key_qnorm=torch.tensor([1.1, -0.05]),
-        value_qnorm=torch.tensor([0.9, 0.02]),
-    )
-    return KVQuantCalibration(spec, GEO, [layer])
+    return random_calibration(spec, rng, H, D)
 
 
 def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ class KVQuantCodec(KVCodec):
         self.calibration = calibration
         self.bits = options.spec.bits
 
-    def _codebooks(self, kind: Kind, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def codebooks(self, kind: Kind, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(encode codebook, decode codebook) for ``kind`` at ``layer``."""
         cal = self.calibration.layers[layer]
         if not self.options.nonuniform:
@@ -178,7 +178,7 @@ class KVQuantCodec(KVCodec):
         else:
             k = outliers_per_vector(spec.outlier_fraction, x.shape[-1])
             xn, mask, scale, offset = normalize_per_vector(x, k)
-        encode_book, _ = self._codebooks(kind, layer)
+        encode_book, _ = self.codebooks(kind, layer)
         codes = pack_codes(nearest_code(xn.clamp(-1, 1), encode_book), self.bits)
         flat = mask.reshape(-1).nonzero().squeeze(-1)
         sink = x[: self.options.sink_tokens].half()
@@ -186,7 +186,7 @@ class KVQuantCodec(KVCodec):
 
     def decode(self, p: KVQuantPacked) -> torch.Tensor:
         t, h, d = p.shape
-        _, decode_book = self._codebooks(p.kind, p.layer)
+        _, decode_book = self.codebooks(p.kind, p.layer)
         xn = decode_book[unpack_codes(p.codes, self.bits, d).long()]
         if p.scale is None:
             cal = self.calibration.layers[p.layer]

@@ -10,12 +10,14 @@ tokens x ``num_kv_heads`` heads, in sections (each 4-byte aligned):
     value_out_val  [block_size, H, kv]         fp16    per-vector top-k outliers (kv per vector)
     value_out_idx  [block_size, H, kv]         uint8   channel of each value outlier
     key_out_val    [capacity]                  fp16    per-block sparse key outliers
-    key_out_pos    [capacity]                  int32   t * H * D + h * D + d within the page
+    key_out_pos    [capacity]                  uint16  t * H * D + h * D + d within the page
+                                                       (int32 when a page has more than 65536 key elements)
     key_out_count  [1]                         int32
     sink           [2, H, D]                   fp16    K and V of position 0 (pages that start a sequence)
 
 The key outlier list has a fixed capacity; when a page's outliers overflow it, the ones farthest
-outside the calibrated range are kept and nothing is written past the page.
+outside the calibrated range are kept and nothing is written past the page. Keys are stored
+pre-RoPE, so a page's content does not depend on where the model's RoPE is applied.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ class PageLayout:
             return 0
         return math.ceil(self.outlier_fraction * self.block_size * self.num_kv_heads * self.head_dim)
 
+    @property
+    def position_dtype(self) -> torch.dtype:
+        """Key outlier positions: 16 bits (read as unsigned) while they fit, else int32."""
+        return torch.int16 if self.block_size * self.num_kv_heads * self.head_dim <= 1 << 16 else torch.int32
+
     def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) of every section of a page."""
         bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
@@ -69,7 +76,7 @@ class PageLayout:
             ("value_out_val", (bs, h, kv), torch.float16),
             ("value_out_idx", (bs, h, kv), torch.uint8),
             ("key_out_val", (cap,), torch.float16),
-            ("key_out_pos", (cap,), torch.int32),
+            ("key_out_pos", (cap,), self.position_dtype),
             ("key_out_count", (1,), torch.int32),
             ("sink", (2, h, d), torch.float16),
         ]

@@ -1,0 +1,249 @@
+"""The kvquant attention backend for vLLM: builder + metadata + impl (PyTorch path).
+
+Every forward first writes the step's new tokens into the quantized pages (RoPE undone with each
+token's position, KVQuant-quantized with the layer's calibration), then reads every token of every
+request back from the pages (the current chunk included), dequantizes, re-applies RoPE and attends.
+So what vLLM returns (tokens, logprobs, prompt logprobs) is the quantized model's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+
+from kvquant_vllm.quant.paged import DTYPE_BITS, KVQUANT_OUTLIER_FRACTION, PageLayout
+from kvquant_vllm.quant.pagestore import PagedKVQuant
+from kvquant_vllm.quant.rope import apply_rope, invert_rope
+from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, load_calibration
+
+
+class KVQuantAttentionBackend(AttentionBackend):
+    """Base of the three kvquant backends; ``bits`` picks the page layout."""
+
+    bits: ClassVar[int] = 3
+    accept_output_buffer: bool = True
+    # The store needs the token positions that only the metadata carries, so it happens in forward.
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(DTYPE_BITS)
+
+    @classmethod
+    def get_name(cls) -> str:
+        return f"KVQUANT{cls.bits}"
+
+    @staticmethod
+    def get_impl_cls() -> type[KVQuantAttentionImpl]:
+        return KVQuantAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[KVQuantMetadataBuilder]:
+        return KVQuantMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(SUPPORTED_HEAD_DIMS)
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def page_layout(cls, spec: AttentionSpec) -> PageLayout:
+        return PageLayout(cls.bits, spec.block_size, spec.num_kv_heads, spec.head_size, KVQUANT_OUTLIER_FRACTION)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        # One head slot of ceil(page / block_size) bytes per token: vLLM's page is then our page
+        # (plus < block_size bytes of rounding), and its capacity in tokens is the true one.
+        page = cls.page_layout(spec).page_size_bytes
+        return replace(spec, num_head_slots=1, state_content_bytes=math.ceil(page / spec.block_size))
+
+
+
+
+
+class KVQuant2AttentionBackend(KVQuantAttentionBackend):
+    bits = 2
+
+
+class KVQuant3AttentionBackend(KVQuantAttentionBackend):
+    bits = 3
+
+
+class KVQuant4AttentionBackend(KVQuantAttentionBackend):
+    bits = 4
+
+
+@dataclass
+class KVQuantMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int64
+    query_lens: torch.Tensor  # [num_reqs] int64
+    seq_lens: torch.Tensor  # [num_reqs] int64, context + this step's tokens
+    block_table: torch.Tensor  # [num_reqs, max_blocks] int64, the columns that hold max_seq_len
+    slot_mapping: torch.Tensor  # [num_actual_tokens] int64, negative for padding
+    positions: torch.Tensor  # [num_actual_tokens] int64
+    max_query_len: int
+    max_seq_len: int
+
+
+class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
+    def __init__(
+        self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> KVQuantMetadata:
+        cm = common_attn_metadata
+        n, r = cm.num_actual_tokens, cm.num_reqs
+        qsl = cm.query_start_loc[: r + 1].long()
+        query_lens = qsl[1:] - qsl[:-1]
+        seq_lens = cm.seq_lens[:r].long()
+        # Position of token i of request j: the request's context length plus i's place in its chunk.
+        req = torch.repeat_interleave(torch.arange(r, device=qsl.device), query_lens)
+        positions = (seq_lens - query_lens)[req] + torch.arange(len(req), device=qsl.device) - qsl[:-1][req]
+        positions = F.pad(positions, (0, n - len(req)))
+        slots = cm.slot_mapping[:n].long().clone()
+        slots[len(req):] = -1
+        max_blocks = math.ceil(cm.max_seq_len / self.block_size)
+        return KVQuantMetadata(
+            num_actual_tokens=n,
+            query_start_loc=qsl,
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_table=cm.block_table_tensor[:r, :max_blocks].long(),
+            slot_mapping=slots,
+            positions=positions,
+            max_query_len=cm.max_query_len,
+            max_seq_len=cm.max_seq_len,
+        )
+
+
+class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "kvquant3",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding window": sliding_window is not None,
+            "logit soft-capping": bool(logits_soft_cap),
+            "attention sinks (learned)": sinks is not None,
+            "KV sharing across layers": kv_sharing_target_layer_name is not None,
+            f"{attn_type} attention": attn_type != AttentionType.DECODER,
+        }
+        if any(unsupported.values()):
+            names = ", ".join(k for k, v in unsupported.items() if v)
+            raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} does not support {names}; use another dtype")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        config = get_current_vllm_config()
+        model = config.model_config
+        self.calibration = load_calibration(kv_cache_dtype, model.model, model.hf_config, config.additional_config)
+        hf = model.hf_config
+        # The model's own RoPE (same parameters as its attention layers): cos|sin per position.
+        self.rope = get_rope(head_size, max_position=model.max_model_len,
+                             rope_parameters=getattr(hf, "rope_parameters", None), is_neox_style=True,
+                             dtype=torch.float32)
+        self.block_size = config.cache_config.block_size
+        self.store: PagedKVQuant | None = None  # built on first forward, when the layer index is known
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [len(positions), head_size] float32 in the rotate-half layout."""
+        cos, sin = self.rope.cos_sin_cache.to(positions.device)[positions].float().chunk(2, dim=-1)
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: KVQuantMetadata,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query [T, Hq, D], key/value [T, H, D] (key post-RoPE), kv_cache [num_blocks, 1, block_size, C] uint8."""
+        if attn_metadata is None:  # profiling run
+            return output
+        if self.store is None:
+            index = extract_layer_index(layer.layer_name)
+            self.store = PagedKVQuant(self.kv_cache_dtype, self.calibration, index, self.block_size).to(query.device)
+        m = attn_metadata
+        n = m.num_actual_tokens
+        cache = kv_cache.view(kv_cache.shape[0], -1)
+        key_pre_rope = invert_rope(key[:n].float(), *self._cos_sin(m.positions))
+        self.store.store(cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
+        output[:n] = self._attend(cache, query[:n], m).to(output.dtype)
+        return output
+
+    def _attend(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
+        """Attention of every query token over its request's dequantized cache: [T, Hq, D]."""
+        r, nb = m.block_table.shape
+        blocks = m.block_table.clamp(0, cache.shape[0] - 1)
+        keys, values = self.store.load(cache, blocks.reshape(-1))  # [r * nb, bs, H, D]
+        keys, values = (x.reshape(r, nb * self.block_size, self.num_kv_heads, self.head_size) for x in (keys, values))
+        if self.store.sink:
+            sink = self.store.sinks(cache, blocks[:, 0])  # [r, 2, H, D]
+            keys[:, 0], values[:, 0] = sink[:, 0], sink[:, 1]
+        length = keys.shape[1]
+        # Pages round the length up past max_model_len; those padded keys are masked, any angle will do.
+        positions = torch.arange(length, device=query.device).clamp_(max=self.rope.cos_sin_cache.shape[0] - 1)
+        cos, sin = self._cos_sin(positions)
+        keys = apply_rope(keys.reshape(r * length, self.num_kv_heads, self.head_size),
+                          cos.repeat(r, 1), sin.repeat(r, 1)).view(r, length, self.num_kv_heads, self.head_size)
+
+        # Queries padded to [r, max_query_len]; key j is visible to query i of request b iff
+        # j <= (seq_len - query_len) + i.
+        q_idx = torch.arange(m.max_query_len, device=query.device)
+        valid_q = q_idx[None, :] < m.query_lens[:, None]
+        flat = (m.query_start_loc[:-1, None] + q_idx[None, :]).clamp(max=max(query.shape[0] - 1, 0))
+        q = query.float()[flat] * valid_q[..., None, None]  # [r, Q, Hq, D]
+        limit = (m.seq_lens - m.query_lens)[:, None] + q_idx[None, :]
+        visible = torch.arange(length, device=query.device)[None, None, :] <= limit[..., None]  # [r, Q, L]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=visible[:, None], scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
+        ).transpose(1, 2)  # [r, Q, Hq, D]
+        return out[valid_q]

@@ -1,0 +1,105 @@
+"""Paged store/load of kvquant pages against the whole-sequence codec."""
+
+import pytest
+import torch
+
+from calib_helpers import random_calibration
+from kvquant_vllm.quant.kvquant import KVQuantCodec, kvquant_methods
+from kvquant_vllm.quant.pagestore import PagedKVQuant
+
+
+def _sequence(cal, length: int, rng: torch.Generator, outlier_rate: float = 0.004):
+    """Keys mostly inside the calibrated range with a few outliers; values Gaussian."""
+    layer = cal.layers[0]
+    h, d = layer.key_scale.shape
+    u = torch.rand(length, h, d, generator=rng) * 2 - 1
+    spikes = (torch.rand(length, h, d, generator=rng) < outlier_rate) * torch.randn(length, h, d, generator=rng) * 4
+    key = layer.key_offset + layer.key_scale * (u + spikes)
+    return key, torch.randn(length, h, d, generator=rng)
+
+
+def _store_in_chunks(store, cache, key, value, blocks, chunks):
+    bs = store.layout.block_size
+    start = 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        slots = blocks[pos // bs] * bs + pos % bs
+        store.store(cache, key[start:start + n], value[start:start + n], slots, pos)
+        start += n
+
+
+def _read(store, cache, blocks, length):
+    k, v = store.load(cache, blocks)
+    h, d = k.shape[-2:]
+    k, v = k.reshape(-1, h, d)[:length], v.reshape(-1, h, d)[:length]
+    if store.sink:
+        sink = store.sinks(cache, blocks[:1])[0]
+        k[0], v[0] = sink[0], sink[1]
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", ["kvquant2", "kvquant3", "kvquant4"])
+@pytest.mark.parametrize("block_size, heads, head_dim", [(16, 2, 64), (32, 4, 128), (64, 1, 64)])
+def test_chunked_paged_store_equals_codec(dtype, block_size, heads, head_dim, rng):
+    spec = kvquant_methods()[dtype].spec
+    cal = random_calibration(spec, rng, heads, head_dim)
+    codec = KVQuantCodec(dtype, kvquant_methods()[dtype], cal)
+    store = PagedKVQuant(dtype, cal, 0, block_size)
+    length = 3 * block_size + 5
+    key, value = _sequence(cal, length, rng)
+    cache = torch.randint(0, 256, (9, store.layout.page_size_bytes), dtype=torch.uint8, generator=rng)
+    cache[:, store.layout.sections()["key_out_count"][0]:][:, :4] = 0  # fresh pages: empty outlier lists
+    blocks = torch.tensor([7, 2, 5, 0])  # non-contiguous, out of order
+    _store_in_chunks(store, cache, key, value, blocks, [block_size // 2 + 3, 1, 2 * block_size, 1, 1, block_size // 2 - 1])
+    k, v = _read(store, cache, blocks, length)
+    assert int(store._view(cache, "key_out_count")[blocks].max()) < store.layout.key_outlier_capacity
+    torch.testing.assert_close(k, codec.fake_quant(key, "key", 0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, codec.fake_quant(value, "value", 0), rtol=0, atol=1e-5)
+
+
+def test_overflow_keeps_largest_and_stays_in_page(rng):
+    cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 2, 64)
+    store = PagedKVQuant("kvquant3", cal, 0, 16)
+    lay, cap = store.layout, store.layout.key_outlier_capacity
+    key, value = _sequence(cal, 16, rng, outlier_rate=0.0)
+    layer = cal.layers[0]
+    magnitude = torch.arange(1, 16 * 2 * 64 + 1, dtype=torch.float32).reshape(16, 2, 64).flip(0)
+    key = torch.where(torch.rand(16, 2, 64, generator=rng) < 0.2, layer.key_offset + layer.key_scale * (1 + magnitude), key)
+    cache = torch.zeros(3, lay.page_size_bytes, dtype=torch.uint8)
+    cache[0], cache[2] = 0xAB, 0xCD
+    before = cache[[0, 2]].clone()
+    _store_in_chunks(store, cache, key, value, torch.tensor([1]), [5, 11])
+    assert torch.equal(cache[[0, 2]], before)
+    assert int(store._view(cache, "key_out_count")[1]) == cap
+    kn = ((key - layer.key_offset) / layer.key_scale).abs()
+    outliers = kn[kn > 1]
+    threshold = outliers.sort(descending=True).values[cap - 1]
+    k, _ = store.load(cache, torch.tensor([1]))
+    exact = (k[0] - key).abs() < 1e-2 * key.abs().clamp_min(1)
+    assert torch.equal(exact[kn >= threshold], torch.ones(cap, dtype=torch.bool))
+    assert not exact[(kn > 1) & (kn < threshold)].any()
+
+
+def test_reused_page_forgets_previous_outliers(rng):
+    cal = random_calibration(kvquant_methods()["kvquant4"].spec, rng, 2, 64)
+    store = PagedKVQuant("kvquant4", cal, 0, 16)
+    codec = KVQuantCodec("kvquant4", kvquant_methods()["kvquant4"], cal)
+    blocks = torch.tensor([1])
+    old_key, old_value = _sequence(cal, 16, rng, outlier_rate=0.02)
+    new_key, new_value = _sequence(cal, 10, rng, outlier_rate=0.0)
+    cache = torch.zeros(2, store.layout.page_size_bytes, dtype=torch.uint8)
+    _store_in_chunks(store, cache, old_key, old_value, blocks, [16])
+    assert int(store._view(cache, "key_out_count")[1]) > 0
+    _store_in_chunks(store, cache, new_key, new_value, blocks, [4, 6])
+    k, v = _read(store, cache, blocks, 10)
+    torch.testing.assert_close(k, codec.fake_quant(new_key, "key", 0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, codec.fake_quant(new_value, "value", 0), rtol=0, atol=1e-5)
+
+
+def test_padding_slots_are_skipped(rng):
+    cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 2, 64)
+    store = PagedKVQuant("kvquant3", cal, 0, 16)
+    key, value = _sequence(cal, 4, rng)
+    cache = torch.zeros(2, store.layout.page_size_bytes, dtype=torch.uint8)
+    store.store(cache, key, value, torch.tensor([-1, -1, -1, -1]), torch.arange(4))
+    assert cache.eq(0).all()
