@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kvquant_vllm.engine import kv_capacity_tokens, shutdown
 from kvquant_vllm.fsutil import atomic_write_text
 from kvquant_vllm.models import resolve_model
 from kvquant_vllm.quant.paged import DTYPE_BITS, bits_per_element
@@ -45,15 +46,16 @@ def run_dtype(model_dir: str, dtype: str, prompts: list[list[int]], args: argpar
         start = time.perf_counter()
         outputs = llm.generate(requests, params)
         elapsed = time.perf_counter() - start
+        capacity = kv_capacity_tokens(llm)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown(llm)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     bits = (bits_per_element(dtype, head_dim, cache.block_size, hf.num_key_value_heads)
             if dtype in DTYPE_BITS else DENSE_BITS.get(dtype, float("nan")))
     return {
         "dtype": dtype,
         "block_size": cache.block_size,
-        "kv_capacity_tokens": cache.num_gpu_blocks * cache.block_size,
+        "kv_capacity_tokens": capacity,
         "bits_per_element": bits,
         "requests_per_s": len(outputs) / elapsed,
         "output_tokens_per_s": generated / elapsed,

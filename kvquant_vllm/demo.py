@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from kvquant_vllm.engine import kv_capacity_tokens, shutdown
 from kvquant_vllm.models import resolve_model
 
 PROMPTS = [
@@ -52,11 +53,9 @@ def generate(model_dir: str, kv_cache_dtype: str = "auto", max_tokens: int = 48)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     try:
         outputs = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_tokens), use_tqdm=True)
-        cache = llm.llm_engine.vllm_config.cache_config
-        capacity = cache.num_gpu_blocks * cache.block_size
+        capacity = kv_capacity_tokens(llm)
     finally:
-        # Stop the engine processes now rather than from a finalizer at interpreter exit.
-        llm.llm_engine.engine_core.shutdown()
+        shutdown(llm)
     return [o.outputs[0].text for o in outputs], capacity
 
 

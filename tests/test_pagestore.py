@@ -52,7 +52,7 @@ def test_chunked_paged_store_equals_codec(dtype, block_size, heads, head_dim, rn
     blocks = torch.tensor([7, 2, 5, 0])  # non-contiguous, out of order
     _store_in_chunks(store, cache, key, value, blocks, [block_size // 2 + 3, 1, 2 * block_size, 1, 1, block_size // 2 - 1])
     k, v = _read(store, cache, blocks, length)
-    assert int(store._view(cache, "key_out_count")[blocks].max()) < store.layout.key_outlier_capacity
+    assert int(store.layout.view(cache, "key_out_count")[blocks].max()) < store.layout.key_outlier_capacity
     torch.testing.assert_close(k, codec.fake_quant(key, "key", 0), rtol=0, atol=1e-5)
     torch.testing.assert_close(v, codec.fake_quant(value, "value", 0), rtol=0, atol=1e-5)
 
@@ -70,7 +70,7 @@ def test_overflow_keeps_largest_and_stays_in_page(rng):
     before = cache[[0, 2]].clone()
     _store_in_chunks(store, cache, key, value, torch.tensor([1]), [5, 11])
     assert torch.equal(cache[[0, 2]], before)
-    assert int(store._view(cache, "key_out_count")[1]) == cap
+    assert int(store.layout.view(cache, "key_out_count")[1]) == cap
     kn = ((key - layer.key_offset) / layer.key_scale).abs()
     outliers = kn[kn > 1]
     threshold = outliers.sort(descending=True).values[cap - 1]
@@ -89,7 +89,7 @@ def test_reused_page_forgets_previous_outliers(rng):
     new_key, new_value = _sequence(cal, 10, rng, outlier_rate=0.0)
     cache = torch.zeros(2, store.layout.page_size_bytes, dtype=torch.uint8)
     _store_in_chunks(store, cache, old_key, old_value, blocks, [16])
-    assert int(store._view(cache, "key_out_count")[1]) > 0
+    assert int(store.layout.view(cache, "key_out_count")[1]) > 0
     _store_in_chunks(store, cache, new_key, new_value, blocks, [4, 6])
     k, v = _read(store, cache, blocks, 10)
     torch.testing.assert_close(k, codec.fake_quant(new_key, "key", 0), rtol=0, atol=1e-5)

@@ -22,6 +22,7 @@ pre-RoPE, so a page's content does not depend on where the model's RoPE is appli
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -66,6 +67,11 @@ class PageLayout:
 
     def sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) of every section of a page."""
+        return self._sections
+
+    @functools.cached_property
+    def _sections(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
+        # Computed once per layout: every store and load views a dozen sections.
         bs, h, d = self.block_size, self.num_kv_heads, self.head_dim
         kv, cap = self.value_outliers_per_vector, self.key_outlier_capacity
         specs = [
@@ -92,11 +98,17 @@ class PageLayout:
         return offset + _aligned(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
 
     def view(self, cache: torch.Tensor, name: str) -> torch.Tensor:
-        """Section ``name`` of every page of ``cache`` [num_blocks, page_size_bytes] uint8, as
-        [num_blocks, *shape] of its dtype (a view: writes go to the cache)."""
+        """Section ``name`` of every page of ``cache`` [num_blocks, ...] uint8 (each page contiguous,
+        at least page_size_bytes), as [num_blocks, *shape] of its dtype (a view: writes go to the cache)."""
         offset, shape, dtype = self.sections()[name]
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        return cache[:, offset : offset + nbytes].view(dtype).reshape(cache.shape[0], *shape)
+        pages = cache.view(cache.shape[0], -1)
+        return pages[:, offset : offset + nbytes].view(dtype).reshape(cache.shape[0], *shape)
+
+    def key_positions(self, stored: torch.Tensor) -> torch.Tensor:
+        """Key outlier positions as stored in ``key_out_pos`` -> int64 of the same shape (16-bit entries are unsigned)."""
+        pos = stored.long()
+        return pos & 0xFFFF if self.position_dtype == torch.int16 else pos
 
 
 def bits_per_element(dtype: str, head_dim: int, block_size: int, num_kv_heads: int = 1) -> float:

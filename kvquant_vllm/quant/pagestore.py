@@ -43,9 +43,6 @@ class PagedKVQuant:
         self.value_books = tuple(b.to(device) for b in self.value_books)
         return self
 
-    def _view(self, cache: torch.Tensor, name: str) -> torch.Tensor:
-        return self.layout.view(cache.view(cache.shape[0], -1), name)
-
     # ------------------------------------------------------------------ store
     def store(
         self, cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
@@ -66,22 +63,22 @@ class PagedKVQuant:
         page, offset = slots // lay.block_size, slots % lay.block_size
 
         kn, kmask = normalize_per_channel(key, self.key_scale, self.key_offset, lay.outlier_fraction > 0)
-        self._view(cache, "key_codes")[page, offset] = pack_codes(nearest_code(kn.clamp(-1, 1), self.key_books[0]),
+        lay.view(cache, "key_codes")[page, offset] = pack_codes(nearest_code(kn.clamp(-1, 1), self.key_books[0]),
                                                                   lay.bits)
         vn, vmask, vscale, voffset = normalize_per_vector(value, lay.value_outliers_per_vector)
-        self._view(cache, "value_codes")[page, offset] = pack_codes(
+        lay.view(cache, "value_codes")[page, offset] = pack_codes(
             nearest_code(vn.clamp(-1, 1), self.value_books[0]), lay.bits)
-        self._view(cache, "value_scale")[page, offset] = vscale.squeeze(-1)
-        self._view(cache, "value_offset")[page, offset] = voffset.squeeze(-1)
+        lay.view(cache, "value_scale")[page, offset] = vscale.squeeze(-1)
+        lay.view(cache, "value_offset")[page, offset] = voffset.squeeze(-1)
         if lay.value_outliers_per_vector:
             t, h, _ = value.shape
             idx = vmask.nonzero()[:, -1].view(t, h, lay.value_outliers_per_vector)
-            self._view(cache, "value_out_idx")[page, offset] = idx.to(torch.uint8)
-            self._view(cache, "value_out_val")[page, offset] = value.gather(-1, idx).half()
+            lay.view(cache, "value_out_idx")[page, offset] = idx.to(torch.uint8)
+            lay.view(cache, "value_out_val")[page, offset] = value.gather(-1, idx).half()
         self._store_key_outliers(cache, page, offset, key, kn, kmask)
         if self.sink:
             first = positions == 0
-            sink = self._view(cache, "sink")
+            sink = lay.view(cache, "sink")
             sink[page[first], 0] = key[first].half()
             sink[page[first], 1] = value[first].half()
 
@@ -99,8 +96,8 @@ class PagedKVQuant:
         first_new = torch.full((len(pages),), lay.block_size, dtype=torch.long, device=page.device)
         first_new = first_new.scatter_reduce(0, local, offset, "amin")
 
-        pos_view, val_view, count_view = (self._view(cache, n) for n in ("key_out_pos", "key_out_val", "key_out_count"))
-        old_pos = pos_view[pages].long() & 0xFFFF if lay.position_dtype == torch.int16 else pos_view[pages].long()
+        pos_view, val_view, count_view = (lay.view(cache, n) for n in ("key_out_pos", "key_out_val", "key_out_count"))
+        old_pos = lay.key_positions(pos_view[pages])
         old_val = val_view[pages].float()
         slot = torch.arange(cap, device=page.device)
         old_keep = (slot < count_view[pages].long()) & (old_pos // (h * d) < first_new[:, None])
@@ -138,7 +135,7 @@ class PagedKVQuant:
         """
         lay = self.layout
         n, bs, h, d = len(blocks), lay.block_size, lay.num_kv_heads, lay.head_dim
-        pages = cache.view(cache.shape[0], -1)[blocks]
+        pages = cache.view(cache.shape[0], -1)[blocks]  # [N, page bytes], gathered once
         key = self.key_books[1][unpack_codes(lay.view(pages, "key_codes"), lay.bits, d).long()]
         key = key * self.key_scale + self.key_offset
         value = self.value_books[1][unpack_codes(lay.view(pages, "value_codes"), lay.bits, d).long()]
@@ -149,8 +146,7 @@ class PagedKVQuant:
             value.scatter_(-1, idx, lay.view(pages, "value_out_val").float())
         cap = lay.key_outlier_capacity
         if cap:
-            pos = lay.view(pages, "key_out_pos").long()
-            pos = pos & 0xFFFF if lay.position_dtype == torch.int16 else pos
+            pos = lay.key_positions(lay.view(pages, "key_out_pos"))
             valid = torch.arange(cap, device=pages.device) < lay.view(pages, "key_out_count").long()
             flat = torch.cat([key.reshape(n, -1), key.new_zeros(n, 1)], dim=1)  # column -1 absorbs unused entries
             pos = torch.where(valid & (pos < bs * h * d), pos, bs * h * d)
@@ -160,4 +156,4 @@ class PagedKVQuant:
 
     def sinks(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[N, 2, H, D] float32: the 16-bit K (pre-RoPE) and V of position 0 held by pages ``blocks``."""
-        return self.layout.view(cache.view(cache.shape[0], -1)[blocks], "sink").float()
+        return self.layout.view(cache, "sink")[blocks].float()

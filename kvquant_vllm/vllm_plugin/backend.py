@@ -212,10 +212,9 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             self.store = PagedKVQuant(self.kv_cache_dtype, self.calibration, index, self.block_size).to(query.device)
         m = attn_metadata
         n = m.num_actual_tokens
-        cache = kv_cache.view(kv_cache.shape[0], -1)
         key_pre_rope = invert_rope(key[:n].float(), *self._cos_sin(m.positions))
-        self.store.store(cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
-        output[:n] = self._attend(cache, query[:n], m).to(output.dtype)
+        self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
+        output[:n] = self._attend(kv_cache, query[:n], m).to(output.dtype)
         return output
 
     def _attend(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
