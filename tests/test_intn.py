@@ -17,26 +17,37 @@ def _assert_within_bound(x, packed):
     """|x - x_hat| <= scale/2, plus fp16 rounding of zero point and scale (clamping at the ends)."""
     xt = x.double().movedim(packed.dim, -1)
     err = (dequantize_uniform(packed).double().movedim(packed.dim, -1) - xt).abs()
-    levels = (1 << packed.bits) - 1
+    levels = packed.levels - 1
     fp16_slack = 2.0**-10 * (xt.abs().amax(-1, keepdim=True) + levels * packed.scale.double())
     bound = packed.scale.double() / 2 + fp16_slack + 1e-7
     assert (err <= bound).all(), float((err - bound).max())
     return err
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("levels", [3, 4, 8, 16, 256])
 @pytest.mark.parametrize("dim", [0, 2])
-def test_uniform_error_bound(bits, dim, rng):
+def test_uniform_error_bound(levels, dim, rng):
     x = _activations(rng)
-    packed = quantize_uniform(x, bits, dim)
+    packed = quantize_uniform(x, levels, dim)
     err = _assert_within_bound(x, packed)
     # The bound is met tightly: some element has an error close to half a step.
     assert float((err / packed.scale.double()).max()) > 0.4
 
 
+def test_uniform_clip_saturates_the_ends(rng):
+    x = _activations(rng)
+    full, clipped = quantize_uniform(x, 4, 2), quantize_uniform(x, 4, 2, clip=0.5)
+    # Half the range: half the step, and the extremes saturate at the clipped ends.
+    assert torch.allclose(clipped.scale.float(), full.scale.float() / 2, rtol=2e-3)
+    y = dequantize_uniform(clipped)
+    mid = (x.amax(2, keepdim=True) + x.amin(2, keepdim=True)) / 2
+    half = (x.amax(2, keepdim=True) - x.amin(2, keepdim=True)) / 4
+    assert torch.allclose(y.amax(2, keepdim=True), mid + half, rtol=0, atol=1e-2 * float(half.max()))
+
+
 def test_uniform_constant_slice_is_exact():
     x = torch.full((4, 1, 8), 3.25)
-    assert torch.equal(dequantize_uniform(quantize_uniform(x, 3, 2)), x)
+    assert torch.equal(dequantize_uniform(quantize_uniform(x, 8, 2)), x)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvquant_vllm.quant.packing import SUPPORTED_BITS, pack_codes, packed_numel, unpack_codes
+from kvquant_vllm.quant.packing import SUPPORTED_BITS, pack_codes, pack_trits, packed_numel, unpack_codes, unpack_trits
 
 
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
@@ -44,3 +44,19 @@ def test_errors():
         pack_codes(torch.tensor([0]), 9)
     with pytest.raises(ValueError, match="does not hold"):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 3, 9)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 64, 67])
+def test_trits_round_trip(n):
+    rng = torch.Generator().manual_seed(n)
+    codes = torch.randint(0, 3, (3, 2, n), generator=rng, dtype=torch.uint8)
+    packed = pack_trits(codes)
+    assert packed.shape == (3, 2, -(-n // 5)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_trits(packed, n), codes)
+    # Base-3 digits, least significant first: [2, 1, 0, 0, 1] -> 2 + 3 + 81.
+    assert int(pack_trits(torch.tensor([2, 1, 0, 0, 1]))[0]) == 86
+
+
+def test_trits_reject_out_of_range():
+    with pytest.raises(ValueError, match="trits out of range"):
+        pack_trits(torch.tensor([0, 3]))

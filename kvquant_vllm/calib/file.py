@@ -1,9 +1,10 @@
 """The calibration file: one safetensors file, a JSON header in its metadata, tensors per layer.
 
 Header (metadata key ``kvquant``): format version, model name and fingerprint (layers, kv heads,
-head dim, RoPE), method and calibration spec (bits, outlier fraction, Fisher weighting, key
-position and granularity), and where the calibration text came from (source, samples, length).
-Tensors: ``layers.{i}.{key_scale,key_offset,key_codebook,value_codebook,key_qnorm,value_qnorm}``.
+head dim, RoPE), method family and calibration spec (for KVQuant: bits, outlier fraction, Fisher
+weighting, key position and granularity), and where the calibration text came from (source,
+samples, length). Tensors: ``layers.{i}.{name}`` for every tensor of the family's per-layer tables
+(for KVQuant: key_scale, key_offset, key_codebook, value_codebook, key_qnorm, value_qnorm).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from kvquant_vllm.fsutil import atomic_path
 from kvquant_vllm.quant.geometry import AttentionGeometry
-from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration, LayerCalibration
+from kvquant_vllm.quant.kvquant import KVQuantCalibration
+from kvquant_vllm.quant.registry import CALIBRATION_FAMILIES
 
 FORMAT_VERSION = 1
 HEADER_KEY = "kvquant"
@@ -32,24 +34,13 @@ def default_calibration_path(model_dir: str | os.PathLike) -> Path:
     return Path(model_dir) / DEFAULT_FILENAME
 
 
-def _expected_shapes(geo: AttentionGeometry, bits: int) -> dict[str, tuple[int, ...]]:
-    return {
-        "key_scale": (geo.num_kv_heads, geo.head_dim),
-        "key_offset": (geo.num_kv_heads, geo.head_dim),
-        "key_codebook": (1 << bits,),
-        "value_codebook": (1 << bits,),
-        "key_qnorm": (2,),
-        "value_qnorm": (2,),
-    }
-
-
 def write_calibration(path: str | os.PathLike, cal: KVQuantCalibration) -> Path:
     """Write ``cal`` to ``path`` atomically."""
     from safetensors.torch import save_file
 
     header = {
         "format_version": FORMAT_VERSION,
-        "method": "kvquant",
+        "method": cal.spec.family,
         "model": cal.model_name,
         "fingerprint": cal.geometry.fingerprint(),
         "spec": asdict(cal.spec),
@@ -58,7 +49,7 @@ def write_calibration(path: str | os.PathLike, cal: KVQuantCalibration) -> Path:
     tensors = {
         f"layers.{i}.{name}": getattr(layer, name).float().contiguous()
         for i, layer in enumerate(cal.layers)
-        for name in LayerCalibration.TENSORS
+        for name in layer.TENSORS
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -71,7 +62,7 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
     from safetensors import safe_open
 
     path = Path(path)
-    remedy = "re-create it with `kvquant-vllm calibrate MODEL --bits B --out PATH`"
+    remedy = "re-create it with `kvquant-vllm calibrate MODEL (--bits B | --method NAME) --out PATH`"
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist; create it with `kvquant-vllm calibrate`")
     try:
@@ -85,7 +76,11 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
     try:
         header = json.loads(metadata[HEADER_KEY])
         version = header["format_version"]
-        spec = CalibrationSpec(**header["spec"])
+        family = header.get("method", "kvquant")
+        if family not in CALIBRATION_FAMILIES:
+            raise ValueError(f"unknown method {family!r}, known: {', '.join(CALIBRATION_FAMILIES)}")
+        spec_type, tables_type = CALIBRATION_FAMILIES[family]
+        spec = spec_type(**header["spec"])
         file_geo = AttentionGeometry(**header["fingerprint"])
     except (KeyError, TypeError, ValueError) as e:
         raise CalibrationError(f"{path}: malformed header ({e}); {remedy}") from e
@@ -98,7 +93,7 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
             f"{path} was made for model {header.get('model')!r} with {file_geo}, "
             f"but the model being used has {geometry}; calibrate this model with `kvquant-vllm calibrate`"
         )
-    expected = _expected_shapes(file_geo, spec.bits)
+    expected = tables_type.shapes(file_geo, spec)
     layers = []
     for i in range(file_geo.num_layers):
         fields = {}
@@ -112,6 +107,6 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
             if not torch.isfinite(t).all():
                 raise CalibrationError(f"{path}: tensor {key} holds NaN or infinite values; {remedy}")
             fields[name] = t.float()
-        layers.append(LayerCalibration(**fields))
+        layers.append(tables_type(**fields))
     info = {k: v for k, v in header.items() if k not in ("format_version", "method", "model", "fingerprint", "spec")}
     return KVQuantCalibration(spec, file_geo, layers, header.get("model", ""), info)

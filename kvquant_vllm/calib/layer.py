@@ -1,6 +1,7 @@
-"""Calibration of one layer from its activations: thresholds, codebooks, Q-Norm.
+"""Calibration of one layer from its activations: KVQuant's thresholds, codebooks and Q-Norm, and
+the dispatch to every other method's calibration by the type of its spec.
 
-Pure function of its inputs, so it runs the same inline or as a Ray task.
+Pure functions of their inputs, so they run the same inline or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from kvquant_vllm.calib.collect import LayerActivations
+from kvquant_vllm.calib.methods import calibrate_cq_layer, calibrate_skvq_layer, calibrate_wkvquant_layer
+from kvquant_vllm.quant.cq import CQSpec
 from kvquant_vllm.quant.codebook import qnorm_params, weighted_kmeans_1d
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.kvquant import (
@@ -17,7 +20,8 @@ from kvquant_vllm.quant.kvquant import (
     normalize_per_vector,
     outliers_per_vector,
 )
-from kvquant_vllm.quant.rope import apply_rope, rope_cos_sin
+from kvquant_vllm.quant.skvq import SKVQSpec
+from kvquant_vllm.quant.wkvquant import WKVQuantSpec
 
 
 def channel_thresholds(x: torch.Tensor, outlier_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +38,7 @@ def channel_thresholds(x: torch.Tensor, outlier_fraction: float) -> tuple[torch.
     return lower, upper
 
 
-def calibrate_layer(
+def calibrate_kvquant_layer(
     act: LayerActivations,
     spec: CalibrationSpec,
     geometry: AttentionGeometry,
@@ -50,9 +54,7 @@ def calibrate_layer(
     k = 1 << spec.bits
     keys, key_grad = act.keys, act.key_grad
     if spec.key_position == "post-rope":
-        # RoPE is a rotation R: k_post = R k_pre, so dL/dk_post = R dL/dk_pre exactly.
-        cos, sin = rope_cos_sin(positions, geometry.head_dim, geometry.rope_theta)
-        keys, key_grad = apply_rope(keys, cos, sin), apply_rope(key_grad, cos, sin)
+        keys, key_grad = act.post_rope_keys(geometry, positions)
 
     if spec.key_granularity == "channel":
         lower, upper = channel_thresholds(keys, spec.outlier_fraction)
@@ -79,3 +81,16 @@ def calibrate_layer(
         key_qnorm=books["key"][1],
         value_qnorm=books["value"][1],
     )
+
+
+CALIBRATORS = {
+    CalibrationSpec: calibrate_kvquant_layer,
+    CQSpec: calibrate_cq_layer,
+    SKVQSpec: calibrate_skvq_layer,
+    WKVQuantSpec: calibrate_wkvquant_layer,
+}
+
+
+def calibrate_layer(act: LayerActivations, spec, geometry: AttentionGeometry, positions: torch.Tensor, seed: int = 0):
+    """One layer's tables for ``spec`` (any method's): the calibrator registered for its type."""
+    return CALIBRATORS[type(spec)](act, spec, geometry, positions, seed=seed)

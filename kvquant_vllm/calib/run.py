@@ -81,7 +81,8 @@ def calibrate_model(
     ray_address: str | None = None,
     sink_tokens: int = 1,
 ) -> list[Path]:
-    """Calibrate ``model`` (bundled name or model directory) for every spec and write one file per spec.
+    """Calibrate ``model`` (bundled name or model directory) for every spec (KVQuant's or another
+    calibrated method's) and write one file per spec.
 
     ``specs`` maps each spec to its output path (None: ``MODEL_DIR/kvquant_calibration.safetensors``).
     Activations are collected once and shared by all specs. Returns the paths written.
@@ -91,6 +92,8 @@ def calibrate_model(
     from kvquant_vllm.models import resolve_model
 
     for spec in specs:
+        if not isinstance(spec, CalibrationSpec):
+            continue
         if spec.bits not in (2, 3, 4):
             raise ValueError(f"--bits must be 2, 3 or 4, got {spec.bits}")
         if not 0 <= spec.outlier_fraction < 0.5:

@@ -64,8 +64,8 @@ def evaluate_methods(
 ) -> list[PplResult]:
     """Perplexity of every method on the same windows; the unquantized run is always first."""
     # Build every codec before running any, so a bad name or a missing calibration fails at once.
-    codecs = [get_codec(m, calibrations) for m in dict.fromkeys(["fp16", *methods])]
     geometry = attention_geometry(model.config)
+    codecs = [get_codec(m, calibrations, geometry) for m in dict.fromkeys(["fp16", *methods])]
     seq_len = windows.shape[1]
     results: list[PplResult] = []
     for codec in tqdm(codecs, desc="methods"):
@@ -144,8 +144,8 @@ def run_ppl(
         check_method(m)  # unknown names fail before the model loads
     if any(needs_calibration(m) for m in methods) and not calibration_files:
         raise MissingCalibrationError(
-            "the kvquant methods need --calibration PATH; make one with "
-            "`kvquant-vllm calibrate MODEL --bits B --text SOURCE --out PATH`"
+            "calibrated methods need --calibration PATH; make one with "
+            "`kvquant-vllm calibrate MODEL (--bits B | --method NAME) --text SOURCE --out PATH`"
         )
     model_dir = resolve_model(model)
     corpus = load_text(text, text_file)

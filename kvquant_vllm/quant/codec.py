@@ -36,6 +36,14 @@ class KVCodec(ABC):
         """Quantize and dequantize ``x``; same shape and dtype as ``x``."""
         return self.decode(self.encode(x, kind, layer)).to(x.dtype)
 
+    def full_precision_masks(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For methods whose cache depends on the token order (recent-token windows, past-only):
+        ``(key_exact, value_exact)``, each [seq_len (query), seq_len (key)] bool, True where the query
+        at position i sees the exact key/value of position j rather than its quantized one.
+        None (the default): every query sees every cached token quantized.
+        """
+        return None
+
 
 class Unquantized(KVCodec):
     """The 16-bit cache every quantized method is compared against."""

@@ -33,7 +33,7 @@ class IntTokenCodec(KVCodec):
 
     def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> UniformPacked:
         axis = self.key_axis() if kind == "key" else CHANNEL_AXIS
-        return quantize_uniform(x, self.bits, axis)
+        return quantize_uniform(x, 1 << self.bits, axis)
 
     def decode(self, packed: UniformPacked) -> torch.Tensor:
         return dequantize_uniform(packed)

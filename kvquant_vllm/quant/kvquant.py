@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -22,7 +22,7 @@ from kvquant_vllm.quant.codebook import nearest_code, uniform_codebook
 from kvquant_vllm.quant.codec import Kind, KVCodec
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.packing import pack_codes, unpack_codes
-from kvquant_vllm.quant.rope import apply_rope, invert_rope, rope_cos_sin
+from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 
 OUTLIER_BITS = 32  # fp16 value + 16-bit position
 SIDE_BITS = 16  # fp16 per-vector scale and offset
@@ -37,6 +37,7 @@ class CalibrationSpec:
     fisher: bool = True
     key_position: Literal["pre-rope", "post-rope"] = "pre-rope"
     key_granularity: Literal["channel", "token"] = "channel"
+    family: ClassVar[str] = "kvquant"
 
     def calibrate_flags(self) -> str:
         """The `kvquant-vllm calibrate` flags that produce a calibration of this spec."""
@@ -71,16 +72,31 @@ class LayerCalibration:
     key_qnorm: torch.Tensor  # [2] float32: scale, offset applied to the key codebook
     value_qnorm: torch.Tensor  # [2] float32
 
-    TENSORS = ("key_scale", "key_offset", "key_codebook", "value_codebook", "key_qnorm", "value_qnorm")
+    TENSORS: ClassVar[tuple[str, ...]] = (
+        "key_scale", "key_offset", "key_codebook", "value_codebook", "key_qnorm", "value_qnorm"
+    )
+
+    @classmethod
+    def shapes(cls, geometry: AttentionGeometry, spec: CalibrationSpec) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor, as the calibration file must hold it."""
+        return {
+            "key_scale": (geometry.num_kv_heads, geometry.head_dim),
+            "key_offset": (geometry.num_kv_heads, geometry.head_dim),
+            "key_codebook": (1 << spec.bits,),
+            "value_codebook": (1 << spec.bits,),
+            "key_qnorm": (2,),
+            "value_qnorm": (2,),
+        }
 
 
 @dataclass
 class KVQuantCalibration:
-    """A whole model's calibration, as held in the calibration file."""
+    """A whole model's calibration, as held in the calibration file: KVQuant's (``CalibrationSpec``,
+    ``LayerCalibration`` per layer) or another calibrated method's (its spec and tables types)."""
 
-    spec: CalibrationSpec
+    spec: Any  # CalibrationSpec, or another method's spec (quant/cq.py, skvq.py, wkvquant.py)
     geometry: AttentionGeometry
-    layers: list[LayerCalibration]
+    layers: list[Any]  # one tables object per layer, of the spec's family
     model_name: str = ""
     info: dict = field(default_factory=dict)  # text source, sample count and length
 
@@ -163,7 +179,7 @@ class KVQuantCodec(KVCodec):
 
     def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         geo = self.calibration.geometry
-        return rope_cos_sin(torch.arange(num_tokens), geo.head_dim, geo.rope_theta)
+        return sequence_cos_sin(num_tokens, geo.head_dim, geo.rope_theta)
 
     def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> KVQuantPacked:
         """x: [num_tokens, num_kv_heads, head_dim] (keys pre-RoPE, the sequence starting at position 0)."""

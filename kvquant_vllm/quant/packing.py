@@ -2,7 +2,8 @@
 
 Codes of ``bits`` bits (1-8) are packed little-endian within groups of 8 codes:
 8 codes of b bits fill exactly b bytes, so any width packs densely and the
-packed length of n codes is ``ceil(n * bits / 8)``.
+packed length of n codes is ``ceil(n * bits / 8)``. Three-level codes (trits) pack
+five to a byte (3**5 = 243 <= 256), 1.6 bits each.
 """
 
 from __future__ import annotations
@@ -62,3 +63,28 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     codes = ((word >> shifts) & ((1 << bits) - 1)).reshape(*lead, groups * 8)
     return codes[..., :n].to(torch.uint8)
+
+
+TRITS_PER_BYTE = 5
+_TRIT_WEIGHTS = (1, 3, 9, 27, 81)
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Pack the last dimension of ``codes`` [..., n] (values 0, 1, 2) base 3, five per byte:
+    [..., ceil(n / 5)] uint8."""
+    n = codes.shape[-1]
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2):
+        raise ValueError(f"trits out of range: [{int(codes.min())}, {int(codes.max())}]")
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, (-n) % TRITS_PER_BYTE))
+    c = c.reshape(*codes.shape[:-1], -1, TRITS_PER_BYTE)
+    weights = torch.tensor(_TRIT_WEIGHTS, dtype=torch.int64, device=codes.device)
+    return (c * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_trits`: [..., n] uint8 codes."""
+    if packed.shape[-1] != (n + TRITS_PER_BYTE - 1) // TRITS_PER_BYTE:
+        raise ValueError(f"packed length {packed.shape[-1]} does not hold {n} trits")
+    weights = torch.tensor(_TRIT_WEIGHTS, dtype=torch.int64, device=packed.device)
+    codes = (packed.to(torch.int64)[..., None] // weights) % 3
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)

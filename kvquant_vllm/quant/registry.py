@@ -7,20 +7,76 @@ the calibration whose spec they need from the ones given.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
+from kvquant_vllm.quant.cq import CQCodec, CQSpec, CQTables
+from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.intn import INT_BITS, IntChannelCodec, IntTokenCodec
-from kvquant_vllm.quant.kvquant import KVQuantCalibration, KVQuantCodec, kvquant_methods
+from kvquant_vllm.quant.kivi import KIVICodec
+from kvquant_vllm.quant.kvquant import (
+    CalibrationSpec,
+    KVQuantCalibration,
+    KVQuantCodec,
+    LayerCalibration,
+    kvquant_methods,
+)
+from kvquant_vllm.quant.skvq import SKVQCodec, SKVQSpec, SKVQTables
+from kvquant_vllm.quant.wkvquant import WKVQuantCodec, WKVQuantSpec, WKVQuantTables
 
-CodecFactory = Callable[[], KVCodec]
+# Uncalibrated methods; those that quantize post-RoPE keys need the model's geometry.
+CodecFactory = Callable[[AttentionGeometry | None], KVCodec]
 
-_FACTORIES: dict[str, CodecFactory] = {"fp16": Unquantized}
+_FACTORIES: dict[str, CodecFactory] = {"fp16": lambda geo: Unquantized()}
 for _b in INT_BITS:
-    _FACTORIES[f"int{_b}-token"] = lambda b=_b: IntTokenCodec(b)
-    _FACTORIES[f"int{_b}-channel"] = lambda b=_b: IntChannelCodec(b)
+    _FACTORIES[f"int{_b}-token"] = lambda geo, b=_b: IntTokenCodec(b)
+    _FACTORIES[f"int{_b}-channel"] = lambda geo, b=_b: IntChannelCodec(b)
 
-_CALIBRATED = kvquant_methods()
+
+def _kivi(bits: int) -> CodecFactory:
+    def make(geometry: AttentionGeometry | None) -> KVCodec:
+        if geometry is None:
+            raise ValueError(f"kivi{bits} quantizes keys after RoPE and needs the model's geometry")
+        return KIVICodec(bits, geometry)
+
+    return make
+
+
+_FACTORIES.update({"kivi2": _kivi(2), "kivi4": _kivi(4)})
+
+
+@dataclass(frozen=True)
+class CalibratedMethod:
+    """A method that needs a calibration of ``spec``; ``make`` builds its codec from one."""
+
+    spec: Any
+    make: Callable[[KVQuantCalibration], KVCodec]
+
+
+def _calibrated_methods() -> dict[str, CalibratedMethod]:
+    methods = {
+        name: CalibratedMethod(options.spec, lambda cal, name=name, options=options: KVQuantCodec(name, options, cal))
+        for name, options in kvquant_methods().items()
+    }
+    for spec in (CQSpec("cq1", channels=8), CQSpec("cq2", channels=4)):
+        methods[spec.method] = CalibratedMethod(spec, lambda cal, spec=spec: CQCodec(spec, cal))
+    for spec in (SKVQSpec("skvq-k2v1.5", key_levels=4, value_levels=3), SKVQSpec("skvq-k4v4", 16, 16)):
+        methods[spec.method] = CalibratedMethod(spec, lambda cal, spec=spec: SKVQCodec(spec, cal))
+    spec = WKVQuantSpec("wkvquant-k4v4", bits=4)
+    methods[spec.method] = CalibratedMethod(spec, lambda cal: WKVQuantCodec(spec, cal))
+    return methods
+
+
+_CALIBRATED = _calibrated_methods()
+
+# Calibration file "method" header -> (spec type, per-layer tables type).
+CALIBRATION_FAMILIES: dict[str, tuple[type, type]] = {
+    spec.family: (spec, tables)
+    for spec, tables in (
+        (CalibrationSpec, LayerCalibration), (CQSpec, CQTables), (SKVQSpec, SKVQTables), (WKVQuantSpec, WKVQuantTables)
+    )
+}
 
 
 class MissingCalibrationError(ValueError):
@@ -43,18 +99,27 @@ def needs_calibration(name: str) -> bool:
     return name in _CALIBRATED
 
 
-def get_codec(name: str, calibrations: Sequence[KVQuantCalibration] = ()) -> KVCodec:
+def calibration_spec(name: str) -> Any:
+    """The spec of the calibration that method ``name`` needs."""
+    if not needs_calibration(name):
+        raise ValueError(f"method {name!r} needs no calibration")
+    return _CALIBRATED[name].spec
+
+
+def get_codec(
+    name: str, calibrations: Sequence[KVQuantCalibration] = (), geometry: AttentionGeometry | None = None
+) -> KVCodec:
     """The codec for ``name``; calibrated methods take the first of ``calibrations`` that fits."""
     check_method(name)
     if name in _FACTORIES:
-        return _FACTORIES[name]()
-    options = _CALIBRATED[name]
+        return _FACTORIES[name](geometry)
+    method = _CALIBRATED[name]
     for calibration in calibrations:
-        if calibration.spec == options.spec:
-            return KVQuantCodec(name, options, calibration)
+        if calibration.spec == method.spec:
+            return method.make(calibration)
     have = "; ".join(str(c.spec) for c in calibrations) or "none given"
     raise MissingCalibrationError(
         f"method {name!r} needs a calibration file made with `kvquant-vllm calibrate MODEL "
-        f"{options.spec.calibrate_flags()} --text ... --out PATH` (pass it with --calibration PATH); "
+        f"{method.spec.calibrate_flags()} --text ... --out PATH` (pass it with --calibration PATH); "
         f"calibrations given: {have}"
     )
