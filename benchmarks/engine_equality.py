@@ -6,8 +6,10 @@ harness (transformers, K/V fake-quantized at k_proj/v_proj) evaluates the matchi
 (``auto`` -> the 16-bit ``fp16`` row, ``kvquant3`` -> ``kvquant3``) on the same windows. Prompts
 longer than --chunk tokens are prefilled in chunks. Writes results/NAME.{json,md}.
 
-    python benchmarks/engine_equality.py --model smollm2-135m --dtypes auto,kvquant3 \\
-        --calibration MODEL_DIR/kvquant_calibration.safetensors --windows 4 --seq-len 1024
+    python benchmarks/engine_equality.py --model smollm2-135m --dtypes auto,kvquant3 --windows 4 --seq-len 1024
+
+kvquant dtypes use the calibration beside the weights (``MODEL_DIR/kvquant_calibration.safetensors``,
+as the engine does) unless --calibration files are given.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kvquant_vllm.calib.file import read_calibration
+from kvquant_vllm.calib.file import default_calibration_path, read_calibration
 from kvquant_vllm.data import load_text
 from kvquant_vllm.engine import shutdown
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize
@@ -67,7 +69,8 @@ def main() -> None:
     model_dir = str(resolve_model(args.model))
     model, tokenizer = load_eval_model(model_dir)
     geometry = attention_geometry(model.config)
-    calibrations = {Path(f): read_calibration(f, geometry) for f in args.calibration}
+    files = args.calibration or ([default_calibration_path(model_dir)] if args.dtypes != "auto" else [])
+    calibrations = {Path(f): read_calibration(f, geometry) for f in files}
     windows = make_windows(tokenize(tokenizer, load_text(args.text)), args.seq_len, args.windows)
     harness = {r.method: r for r in evaluate_methods(model, windows, [harness_method(d) for d in dtypes],
                                                      list(calibrations.values()))}
