@@ -85,18 +85,20 @@ def main() -> None:
                 raise SystemExit(f"{dtype} needs --calibration with `{spec.calibrate_flags()}`")
         ppl = engine_ppl(model_dir, dtype, windows, path, args.chunk)
         ref = harness[harness_method(dtype)]
+        info = calibrations[path].info if path else {}
+        made_on = f"{info.get('text', '?')}, {info.get('samples', '?')} x {info.get('seq_len', '?')}" if path else "-"
         rows.append({"dtype": dtype, "harness_method": ref.method, "harness_ppl": ref.ppl, "engine_ppl": ppl,
-                     "relative_difference": ppl / ref.ppl - 1, "tokens": ref.tokens})
+                     "relative_difference": ppl / ref.ppl - 1, "tokens": ref.tokens, "calibration": made_on})
 
     command = "python " + shlex.join(["benchmarks/engine_equality.py", *sys.argv[1:]])
     payload = {"command": command, "model": args.model, "text": args.text, "windows": int(windows.shape[0]),
                "seq_len": args.seq_len, "chunk": args.chunk, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(payload, indent=2) + "\n")
-    lines = ["| kv cache dtype | harness method | harness ppl | engine ppl | relative difference | tokens |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = ["| kv cache dtype | calibrated on | harness method | harness ppl | engine ppl | relative difference "
+             "| tokens |", "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['dtype']} | {r['harness_method']} | {r['harness_ppl']:.4f} | {r['engine_ppl']:.4f} | "
+        lines.append(f"| {r['dtype']} | {r['calibration']} | {r['harness_method']} | {r['harness_ppl']:.4f} | {r['engine_ppl']:.4f} | "
                      f"{100 * r['relative_difference']:+.3f} % | {r['tokens']} |")
     markdown = (
         "# Engine vs fake-quant harness: perplexity\n\n"
