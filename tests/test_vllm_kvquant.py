@@ -1,9 +1,7 @@
 """kvquant3 inside real vLLM engines (CPU backend): the engine really attends over the quantized pages.
 
 One kvquant3 engine serves the module; the fp32 `auto` engine and the small-budget engine exist
-only for the tests that compare against them. The kvquant3 engine schedules at most
-CHUNK tokens per step, so every 512-token prompt is prefilled in chunks that end mid-page, and
-later requests' chunks share steps with earlier requests' decodes (mixed batches).
+only for the tests that compare against them.
 """
 
 import os
@@ -30,9 +28,6 @@ EXPECTED = [
 ]
 
 
-CHUNK = 96
-
-
 def _engine(model_dir, **kwargs):
     from vllm import LLM
 
@@ -50,8 +45,7 @@ def _greedy(llm, prompts, max_tokens=16):
 
 @pytest.fixture(scope="module")
 def engine(kvquant_model_dir):
-    llm = _engine(kvquant_model_dir, kv_cache_dtype="kvquant3", enable_prefix_caching=True,
-                  max_num_batched_tokens=CHUNK, max_num_seqs=8)
+    llm = _engine(kvquant_model_dir, kv_cache_dtype="kvquant3", enable_prefix_caching=True)
     yield llm
     shutdown(llm)
 
@@ -73,8 +67,6 @@ def test_prompt_perplexity_equals_fake_quant_harness(engine, auto_engine, window
     model, _ = load_eval_model(kvquant_model_dir)
     calibration = read_calibration(default_calibration_path(kvquant_model_dir))
     harness = {r.method: r.ppl for r in evaluate_methods(model, windows, ["kvquant3"], [calibration])}
-    # Chunked prefill: each window reaches the cache in ceil(512 / CHUNK) steps.
-    assert engine.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens == CHUNK < windows.shape[1]
     quantized, unquantized = vllm_perplexity(engine, windows), vllm_perplexity(auto_engine, windows)
     assert quantized == pytest.approx(harness["kvquant3"], rel=0.01)
     assert unquantized == pytest.approx(harness["fp16"], rel=0.01)
