@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast check-cuda clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# Compiles the CUDA kernels of csrc/ for sm_90 with nvcc against the installed torch headers (no GPU needed).
+check-cuda: setup
+	$(BIN)/python -m kvquant_vllm.kernels.cuda build/check-cuda
 
 clean:
 	rm -rf $(VENV) build *.egg-info
