@@ -1,7 +1,13 @@
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which triton.jit picks when a kernel is
+# defined: it must be on before anything (transformers, vLLM) first imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

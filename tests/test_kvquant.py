@@ -25,11 +25,18 @@ def _calibration(spec: CalibrationSpec, rng) -> KVQuantCalibration:
     return random_calibration(spec, rng, H, D)
 
 
-def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torch.Tensor) -> torch.Tensor:
-    """float64 reference: per-channel normalise, argmin over the codebook, outliers and sink exact."""
+def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torch.Tensor,
+                    block_size: int | None = None, capacity: int = 0) -> torch.Tensor:
+    """float64 reference: per-channel normalise, argmin over the codebook, outliers and sink exact; with a
+    block size, only the first ``capacity`` outliers of each block (token, head, channel order) are exact."""
     x = x.double()
     xn = (x - cal.key_offset.double()) / cal.key_scale.double()
     out = xn.abs() > 1
+    out[0] = False
+    if block_size:
+        for start in range(0, len(x), block_size):
+            block = out[start:start + block_size].reshape(-1)  # a view: written through
+            block[block.cumsum(0) > capacity] = False
     codes = (xn.clamp(-1, 1)[..., None] - book.double()).abs().argmin(-1)
     rec = dec_book.double()[codes] * cal.key_scale.double() + cal.key_offset.double()
     rec = torch.where(out, x.half().double(), rec)
@@ -40,7 +47,7 @@ def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torc
 def test_keys_match_float64_reference(rng):
     spec = CalibrationSpec(3)
     cal = _calibration(spec, rng)
-    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec), cal)
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, block_size=None), cal)
     layer = cal.layers[0]
     x = torch.randn(33, H, D, generator=rng) * layer.key_scale * 1.2 + layer.key_offset
     got = codec.decode(codec.encode(x, "key", 0)).double()
@@ -50,11 +57,27 @@ def test_keys_match_float64_reference(rng):
     assert codec.encode(x, "key", 0).outlier_index.numel() > 0
 
 
+@pytest.mark.parametrize("block_size", [4, 8, 256])
+def test_keys_keep_the_first_outliers_of_each_page(block_size, rng):
+    """With pages of block_size tokens, each lists at most 1% of its key elements, first come first kept."""
+    spec = CalibrationSpec(3)
+    cal = _calibration(spec, rng)
+    layer = cal.layers[0]
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, block_size=block_size), cal)
+    x = torch.randn(33, H, D, generator=rng) * layer.key_scale * 1.2 + layer.key_offset
+    capacity = -(-block_size * H * D // 100)
+    ref = _reference_keys(x, layer, layer.key_codebook, layer.key_codebook, block_size, capacity)
+    assert (codec.decode(codec.encode(x, "key", 0)).double() - ref).abs().max() < 1e-5
+    listed = codec.encode(x, "key", 0).outlier_index
+    assert listed.numel() < (((x - layer.key_offset) / layer.key_scale).abs()[1:] > 1).sum()  # some overflowed
+    assert torch.bincount(listed // (block_size * H * D)).max() == capacity
+
+
 def test_qnorm_changes_only_decoding(rng):
     spec = CalibrationSpec(2)
     cal = _calibration(spec, rng)
     layer = cal.layers[0]
-    codec = KVQuantCodec("kvquant2", KVQuantOptions(spec, qnorm=True), cal)
+    codec = KVQuantCodec("kvquant2", KVQuantOptions(spec, qnorm=True, block_size=None), cal)
     x = torch.randn(20, H, D, generator=rng) * layer.key_scale * 0.8 + layer.key_offset
     dec_book = layer.key_codebook * layer.key_qnorm[0] + layer.key_qnorm[1]
     ref = _reference_keys(x, layer, layer.key_codebook, dec_book)
@@ -68,7 +91,7 @@ def test_values_per_token_with_topk_outliers(rng):
     x[3, 1, 5] = 40.0  # one huge outlier per vector at most (k = 1 for D=16 at 1%)
     p = codec.encode(x, "value", 0)
     assert p.scale.shape == (17, H, 1)
-    assert outliers_per_vector(0.01, D) == 1 and p.outlier_index.numel() == 17 * H
+    assert outliers_per_vector(0.01, D) == 1 and p.outlier_index.numel() == 17 * H  # values: no page limit
     rec = codec.decode(p)
     assert rec[3, 1, 5] == pytest.approx(40.0)
     # Inliers: uniform codebook over each vector's inlier range -> error at most half a step.
@@ -101,7 +124,7 @@ def test_post_rope_round_trip(rng):
     spec = CalibrationSpec(4, key_position="post-rope")
     cal = _calibration(spec, rng)
     cal.layers[0].key_codebook = uniform_codebook(4)
-    codec = KVQuantCodec("kvquant3-postrope", KVQuantOptions(spec), cal)
+    codec = KVQuantCodec("kvquant3-postrope", KVQuantOptions(spec, block_size=None), cal)
     x = torch.randn(12, H, D, generator=rng) * 0.3
     rec = codec.decode(codec.encode(x, "key", 0))
     # Quantization happened in the rotated space: the error, rotated forward, respects the per-channel step.

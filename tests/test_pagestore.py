@@ -1,5 +1,7 @@
 """Paged store/load of kvquant pages against the whole-sequence codec."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -38,32 +40,41 @@ def _read(store, cache, blocks, length):
     return k, v
 
 
+def _codec(dtype: str, cal, block_size: int) -> KVQuantCodec:
+    return KVQuantCodec(dtype, replace(kvquant_methods()[dtype], block_size=block_size), cal)
+
+
 @pytest.mark.parametrize("dtype", ["kvquant2", "kvquant3", "kvquant4"])
 @pytest.mark.parametrize("block_size, heads, head_dim", [(16, 2, 64), (32, 4, 128), (64, 1, 64)])
-def test_chunked_paged_store_equals_codec(dtype, block_size, heads, head_dim, rng):
+@pytest.mark.parametrize("outlier_rate", [0.004, 0.03])  # lists below capacity; lists overflowing
+def test_chunked_paged_store_equals_codec(dtype, block_size, heads, head_dim, outlier_rate, rng):
     spec = kvquant_methods()[dtype].spec
     cal = random_calibration(spec, rng, heads, head_dim)
-    codec = KVQuantCodec(dtype, kvquant_methods()[dtype], cal)
     store = PagedKVQuant(dtype, cal, 0, block_size)
     length = 3 * block_size + 5
-    key, value = _sequence(cal, length, rng)
+    key, value = _sequence(cal, length, rng, outlier_rate)
     cache = torch.randint(0, 256, (9, store.layout.page_size_bytes), dtype=torch.uint8, generator=rng)
-    cache[:, store.layout.sections()["key_out_count"][0]:][:, :4] = 0  # fresh pages: empty outlier lists
+    store.layout.view(cache, "key_out_count").zero_()  # fresh pages: empty outlier lists
     blocks = torch.tensor([7, 2, 5, 0])  # non-contiguous, out of order
     _store_in_chunks(store, cache, key, value, blocks, [block_size // 2 + 3, 1, 2 * block_size, 1, 1, block_size // 2 - 1])
     k, v = _read(store, cache, blocks, length)
-    assert int(store.layout.view(cache, "key_out_count")[blocks].max()) < store.layout.key_outlier_capacity
+    full = store.layout.view(cache, "key_out_count")[blocks] == store.layout.key_outlier_capacity
+    assert bool(full.any()) == (outlier_rate > 0.01)
+    codec = _codec(dtype, cal, block_size)
     torch.testing.assert_close(k, codec.fake_quant(key, "key", 0), rtol=0, atol=1e-5)
     torch.testing.assert_close(v, codec.fake_quant(value, "value", 0), rtol=0, atol=1e-5)
+    if bool(full.any()):  # the capacity matters: unbounded lists decode differently
+        assert not torch.allclose(k, _codec(dtype, cal, None).fake_quant(key, "key", 0), rtol=0, atol=1e-3)
 
 
-def test_overflow_keeps_largest_and_stays_in_page(rng):
+def test_overflow_keeps_the_first_and_stays_in_page(rng):
     cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 2, 64)
     store = PagedKVQuant("kvquant3", cal, 0, 16)
     lay, cap = store.layout, store.layout.key_outlier_capacity
     key, value = _sequence(cal, 16, rng, outlier_rate=0.0)
     layer = cal.layers[0]
-    magnitude = torch.arange(1, 16 * 2 * 64 + 1, dtype=torch.float32).reshape(16, 2, 64).flip(0)
+    # Outliers grow with the token offset: keeping the largest would keep the last ones.
+    magnitude = torch.arange(1, 16 * 2 * 64 + 1, dtype=torch.float32).reshape(16, 2, 64)
     key = torch.where(torch.rand(16, 2, 64, generator=rng) < 0.2, layer.key_offset + layer.key_scale * (1 + magnitude), key)
     cache = torch.zeros(3, lay.page_size_bytes, dtype=torch.uint8)
     cache[0], cache[2] = 0xAB, 0xCD
@@ -71,19 +82,43 @@ def test_overflow_keeps_largest_and_stays_in_page(rng):
     _store_in_chunks(store, cache, key, value, torch.tensor([1]), [5, 11])
     assert torch.equal(cache[[0, 2]], before)
     assert int(store.layout.view(cache, "key_out_count")[1]) == cap
-    kn = ((key - layer.key_offset) / layer.key_scale).abs()
-    outliers = kn[kn > 1]
-    threshold = outliers.sort(descending=True).values[cap - 1]
+    outlier = ((key - layer.key_offset) / layer.key_scale).abs() > 1
+    outlier[0] = False  # position 0 is the sink's
+    first = outlier.flatten().nonzero().squeeze(1)[:cap]
+    positions = lay.key_positions(lay.view(cache, "key_out_pos")[1])
+    assert torch.equal(positions, first)  # in (token, head, channel) order
     k, _ = store.load(cache, torch.tensor([1]))
-    exact = (k[0] - key).abs() < 1e-2 * key.abs().clamp_min(1)
-    assert torch.equal(exact[kn >= threshold], torch.ones(cap, dtype=torch.bool))
-    assert not exact[(kn > 1) & (kn < threshold)].any()
+    exact = ((k[0] - key).abs() < 1e-2 * key.abs().clamp_min(1)).flatten()
+    assert exact[first].all()
+    later = outlier.flatten().nonzero().squeeze(1)[cap:]
+    assert len(later) > 0 and not exact[later].any()
+
+
+def test_a_stored_token_does_not_change_when_later_tokens_arrive(rng):
+    """Token-by-token decode writes the same page as one prefill, and a token's decoded keys are fixed
+    from the step it is written in."""
+    cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 2, 64)
+    store = PagedKVQuant("kvquant3", cal, 0, 32)
+    key, value = _sequence(cal, 32, rng, outlier_rate=0.05)
+    whole = torch.zeros(2, store.layout.page_size_bytes, dtype=torch.uint8)
+    _store_in_chunks(store, whole, key, value, torch.tensor([1]), [32])
+    stepwise = torch.zeros_like(whole)
+    seen = []
+    for t in range(32):
+        pos = torch.tensor([t])
+        store.store(stepwise, key[pos], value[pos], 32 + pos, pos)
+        seen.append(store.load(stepwise, torch.tensor([1]))[0][0, : t + 1])
+    assert int(store.layout.view(whole, "key_out_count")[1]) == store.layout.key_outlier_capacity
+    assert torch.equal(stepwise, whole)
+    final = store.load(whole, torch.tensor([1]))[0][0]
+    for t, k in enumerate(seen):
+        torch.testing.assert_close(k, final[: t + 1], rtol=0, atol=0)
 
 
 def test_reused_page_forgets_previous_outliers(rng):
     cal = random_calibration(kvquant_methods()["kvquant4"].spec, rng, 2, 64)
     store = PagedKVQuant("kvquant4", cal, 0, 16)
-    codec = KVQuantCodec("kvquant4", kvquant_methods()["kvquant4"], cal)
+    codec = _codec("kvquant4", cal, 16)
     blocks = torch.tensor([1])
     old_key, old_value = _sequence(cal, 16, rng, outlier_rate=0.02)
     new_key, new_value = _sequence(cal, 10, rng, outlier_rate=0.0)

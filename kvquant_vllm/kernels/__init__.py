@@ -1,0 +1,43 @@
+"""GPU kernels for kvquant pages: Triton store and decode attention, the CUDA C++ decode kernel, and the
+PyTorch reference they are tested against. Nothing here imports vLLM.
+
+Which implementation the attention backend uses comes from the environment variable ``KVQUANT_KERNELS``:
+
+    auto    (default) CUDA devices: the CUDA C++ decode kernel when it builds, else Triton; other devices: torch
+    torch   the vectorized PyTorch path everywhere
+    triton  the Triton kernels (on CPU only under ``TRITON_INTERPRET=1``)
+    cuda    the CUDA C++ decode kernel (the store stays Triton); an error when it is not available
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+ENV_VAR = "KVQUANT_KERNELS"
+KERNEL_BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+def cuda_kernels_available() -> bool:
+    """True when the CUDA C++ decode kernel can run here (it builds on first use)."""
+    try:
+        from kvquant_vllm.kernels import cuda
+    except ImportError:
+        return False
+    return cuda.available()
+
+
+def kernel_backend(device: torch.device | str) -> str:
+    """'torch', 'triton' or 'cuda': the implementation that ``KVQUANT_KERNELS`` selects for ``device``."""
+    choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in KERNEL_BACKENDS:
+        raise ValueError(f"{ENV_VAR}={choice!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+    if choice == "auto":
+        if torch.device(device).type != "cuda":
+            return "torch"
+        return "cuda" if cuda_kernels_available() else "triton"
+    if choice == "cuda" and not cuda_kernels_available():
+        raise RuntimeError(f"{ENV_VAR}=cuda, but the CUDA decode kernel cannot run here (it needs a CUDA GPU, "
+                           f"nvcc and a CUDA build of torch); use {ENV_VAR}=triton or auto")
+    return choice

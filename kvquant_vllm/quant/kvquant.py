@@ -5,7 +5,9 @@
 - Non-uniform codebooks: one 2**bits-entry codebook per layer for keys and one for values, in the
   normalised space [-1, 1], learned offline by Fisher-weighted k-means.
 - Dense-and-sparse: outliers kept exactly (fp16) in a sparse list and left out of the dense range;
-  keys by calibrated per-channel thresholds, values by an online per-vector top-k.
+  keys by calibrated per-channel thresholds, values by an online per-vector top-k. As in the paged
+  cache, a block of ``block_size`` tokens lists at most its capacity of key outliers, first come first
+  kept (see :func:`first_come_ranks`), so the codec gives what the vLLM engine stores.
 - Q-Norm: the dequantization codebook rescaled to keep the calibration mean/std (used at 2 bits).
 - Attention sink: the first tokens of a sequence kept in 16 bits.
 """
@@ -26,6 +28,9 @@ from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 
 OUTLIER_BITS = 32  # fp16 value + 16-bit position
 SIDE_BITS = 16  # fp16 per-vector scale and offset
+# Tokens per page of a kvquant cache unless vLLM's --block-size says otherwise: a 256-token page
+# amortises its sink slot and key outlier list over more tokens (see paged.bits_per_element).
+DEFAULT_BLOCK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class KVQuantOptions:
     nonuniform: bool = True
     qnorm: bool = False
     sink_tokens: int = 1
+    # Key outlier lists are per page of this many tokens, with a fixed capacity; None: unbounded lists.
+    block_size: int | None = DEFAULT_BLOCK_SIZE
 
 
 @dataclass
@@ -104,6 +111,32 @@ class KVQuantCalibration:
 def outliers_per_vector(outlier_fraction: float, head_dim: int) -> int:
     """Outliers kept per token-head vector when selected online by top-k (at least 1 if any)."""
     return 0 if outlier_fraction <= 0 else max(1, round(outlier_fraction * head_dim))
+
+
+def key_outlier_capacity(outlier_fraction: float, block_size: int, num_kv_heads: int, head_dim: int) -> int:
+    """Entries of a page's key outlier list: the nominal fraction of the page's key elements."""
+    if outlier_fraction <= 0:
+        return 0
+    return math.ceil(outlier_fraction * block_size * num_kv_heads * head_dim)
+
+
+def run_starts(ids: torch.Tensor) -> torch.Tensor:
+    """ids [M] with equal ids contiguous -> [M] int64: the index of the first element of each one's run."""
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    index = torch.arange(len(ids), device=ids.device)
+    return torch.where(starts, index, 0).cummax(0).values
+
+
+def first_come_ranks(page: torch.Tensor) -> torch.Tensor:
+    """Rank of every outlier within its page's new entries: page [M] int64, equal ids contiguous, entries
+    in (token, head, channel) order -> [M] int64.
+
+    A page's key outlier list keeps entries in that order until it is full; later ones are left to the
+    dense part (clamped). So a token's stored form is final once written: what a query sees does not
+    depend on later tokens or on how a prompt was split into chunks.
+    """
+    return torch.arange(len(page), device=page.device) - run_starts(page)
 
 
 def vector_outlier_mask(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -196,9 +229,18 @@ class KVQuantCodec(KVCodec):
             xn, mask, scale, offset = normalize_per_vector(x, k)
         encode_book, _ = self.codebooks(kind, layer)
         codes = pack_codes(nearest_code(xn.clamp(-1, 1), encode_book), self.bits)
-        flat = mask.reshape(-1).nonzero().squeeze(-1)
+        mask[: self.options.sink_tokens] = False  # the sink holds those tokens exactly
+        flat = mask.reshape(-1).nonzero().squeeze(-1)  # (token, head, channel) order
+        if self._per_channel(kind) and self.options.block_size:
+            flat = flat[self._fits_page_lists(flat, x.shape[1], x.shape[2])]
         sink = x[: self.options.sink_tokens].half()
         return KVQuantPacked(kind, layer, tuple(x.shape), codes, scale, offset, flat, x.reshape(-1)[flat].half(), sink)
+
+    def _fits_page_lists(self, flat: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """Which key outliers (flat indices [M] into [T, H, D], ascending) a paged cache keeps: bool [M]."""
+        bs = self.options.block_size
+        cap = key_outlier_capacity(self.options.spec.outlier_fraction, bs, num_kv_heads, head_dim)
+        return first_come_ranks(flat // (bs * num_kv_heads * head_dim)) < cap
 
     def decode(self, p: KVQuantPacked) -> torch.Tensor:
         t, h, d = p.shape
@@ -241,6 +283,7 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
             "kvquant3-postrope": replace(k3, spec=replace(k3.spec, key_position="post-rope")),
             "kvquant3-tokenkeys": replace(k3, spec=replace(k3.spec, key_granularity="token")),
             "kvquant3-nosink": replace(k3, sink_tokens=0),
+            "kvquant3-unbounded": replace(k3, block_size=None),
             "kvquant3-qnorm": replace(k3, qnorm=True),
             "kvquant2-noqnorm": replace(k2, qnorm=False),
         }

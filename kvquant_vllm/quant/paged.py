@@ -15,9 +15,12 @@ tokens x ``num_kv_heads`` heads, in sections (each 4-byte aligned):
     key_out_count  [1]                         int32
     sink           [2, H, D]                   fp16    K and V of position 0 (pages that start a sequence)
 
-The key outlier list has a fixed capacity; when a page's outliers overflow it, the ones farthest
-outside the calibrated range are kept and nothing is written past the page. Keys are stored
-pre-RoPE, so a page's content does not depend on where the model's RoPE is applied.
+The key outlier list has a fixed capacity and holds its entries in (t, h, d) order: first come, first
+kept (:func:`~kvquant_vllm.quant.kvquant.first_come_ranks`). Outliers that arrive when the list is full
+are left to the dense part (clamped to the calibrated range); nothing is written past the page, and no
+entry of an earlier token is ever replaced, so a token's stored form does not depend on later tokens.
+Position 0's outliers are not listed: the sink holds that token exactly. Keys are stored pre-RoPE, so
+a page's content does not depend on where the model's RoPE is applied.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvquant_vllm.quant.kvquant import key_outlier_capacity, outliers_per_vector
 from kvquant_vllm.quant.packing import packed_numel
 
 DTYPE_BITS = {"kvquant2": 2, "kvquant3": 3, "kvquant4": 4}
@@ -49,16 +53,12 @@ class PageLayout:
 
     @property
     def value_outliers_per_vector(self) -> int:
-        from kvquant_vllm.quant.kvquant import outliers_per_vector
-
         return outliers_per_vector(self.outlier_fraction, self.head_dim)
 
     @property
     def key_outlier_capacity(self) -> int:
         """Entries in the per-block key outlier list: the nominal fraction of the page's key elements."""
-        if self.outlier_fraction <= 0:
-            return 0
-        return math.ceil(self.outlier_fraction * self.block_size * self.num_kv_heads * self.head_dim)
+        return key_outlier_capacity(self.outlier_fraction, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
     def position_dtype(self) -> torch.dtype:

@@ -1,8 +1,9 @@
 """Writing tokens into kvquant pages and reading them back (vectorized PyTorch, any device).
 
 The numerics are those of :class:`~kvquant_vllm.quant.kvquant.KVQuantCodec`, applied token by token
-(every KVQuant statistic is per token or calibrated), so a sequence stored page by page decodes to
-exactly what the codec gives for the whole sequence, as long as no page's key outlier list overflows.
+(every KVQuant statistic is per token or calibrated, and a page's key outlier list keeps its first
+entries), so a sequence stored page by page, in chunks of any size, decodes to exactly what the codec
+gives for the whole sequence with the same block size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from kvquant_vllm.quant.codebook import nearest_code
 from kvquant_vllm.quant.kvquant import (
     KVQuantCalibration,
     KVQuantCodec,
+    first_come_ranks,
     kvquant_methods,
     normalize_per_channel,
     normalize_per_vector,
@@ -75,7 +77,7 @@ class PagedKVQuant:
             idx = vmask.nonzero()[:, -1].view(t, h, lay.value_outliers_per_vector)
             lay.view(cache, "value_out_idx")[page, offset] = idx.to(torch.uint8)
             lay.view(cache, "value_out_val")[page, offset] = value.gather(-1, idx).half()
-        self._store_key_outliers(cache, page, offset, key, kn, kmask)
+        self._store_key_outliers(cache, page, offset, key, kmask, positions)
         if self.sink:
             first = positions == 0
             sink = lay.view(cache, "sink")
@@ -83,48 +85,41 @@ class PagedKVQuant:
             sink[page[first], 1] = value[first].half()
 
     def _store_key_outliers(
-        self, cache: torch.Tensor, page: torch.Tensor, offset: torch.Tensor, key: torch.Tensor,
-        kn: torch.Tensor, kmask: torch.Tensor,
+        self, cache: torch.Tensor, page: torch.Tensor, offset: torch.Tensor, key: torch.Tensor, kmask: torch.Tensor,
+        positions: torch.Tensor,
     ) -> None:
-        """Merge the new tokens' key outliers into their pages' lists, keeping the largest |kn| on overflow."""
+        """Append the new tokens' key outliers to their pages' lists, first come first kept.
+
+        page, offset, positions: [T] int64; key: [T, H, D] float32 pre-RoPE; kmask: [T, H, D] bool. A page's
+        entries are in (offset, head, channel) order, so those a previous occupant left at offsets >= the
+        first new one form the list's tail, which is dropped.
+        """
         lay = self.layout
         cap = lay.key_outlier_capacity
         if cap == 0:
             return
         h, d = lay.num_kv_heads, lay.head_dim
+        if self.sink:
+            kmask = kmask & (positions != 0)[:, None, None]  # the sink holds position 0 exactly
         pages, local = page.unique(return_inverse=True)  # local: [T] index into pages
         first_new = torch.full((len(pages),), lay.block_size, dtype=torch.long, device=page.device)
         first_new = first_new.scatter_reduce(0, local, offset, "amin")
-
         pos_view, val_view, count_view = (lay.view(cache, n) for n in ("key_out_pos", "key_out_val", "key_out_count"))
-        old_pos = lay.key_positions(pos_view[pages])
-        old_val = val_view[pages].float()
-        slot = torch.arange(cap, device=page.device)
-        old_keep = (slot < count_view[pages].long()) & (old_pos // (h * d) < first_new[:, None])
-        old_page = torch.arange(len(pages), device=page.device)[:, None].expand(-1, cap)[old_keep]
-        old_pos, old_val = old_pos[old_keep], old_val[old_keep]
-        hd = old_pos % (h * d)
-        old_mag = ((old_val - self.key_offset.reshape(-1)[hd]) / self.key_scale.reshape(-1)[hd]).abs()
+        old_offset = lay.key_positions(pos_view[pages]) // (h * d)  # [P, cap]
+        listed = torch.arange(cap, device=page.device) < count_view[pages].long()
+        kept = (listed & (old_offset < first_new[:, None])).sum(1)  # [P]
 
-        tok, head, chan = kmask.nonzero(as_tuple=True)
+        tok, head, chan = kmask.nonzero(as_tuple=True)  # tokens of a page arrive in position order
         new_page = local[tok]
-        new_pos = offset[tok] * (h * d) + head * d + chan
-        all_page = torch.cat([old_page, new_page])
-        all_pos = torch.cat([old_pos, new_pos])
-        all_val = torch.cat([old_val, key[tok, head, chan]])
-        all_mag = torch.cat([old_mag, kn[tok, head, chan].abs()])
-
-        # Sort by page, largest first within a page; rank = place in its page's list.
-        order = all_mag.argsort(descending=True, stable=True)
-        order = order[all_page[order].argsort(stable=True)]
-        all_page, all_pos, all_val = all_page[order], all_pos[order], all_val[order]
-        per_page = torch.bincount(all_page, minlength=len(pages))
-        starts = per_page.cumsum(0) - per_page
-        rank = torch.arange(len(all_page), device=page.device) - starts[all_page]
-        fits = rank < cap
-        pos_view[pages[all_page[fits]], rank[fits]] = all_pos[fits].to(torch.int32).to(lay.position_dtype)
-        val_view[pages[all_page[fits]], rank[fits]] = all_val[fits].half()
-        count_view[pages, 0] = per_page.clamp(max=cap).to(torch.int32)
+        order = new_page.argsort(stable=True)
+        tok, head, chan, new_page = tok[order], head[order], chan[order], new_page[order]
+        index = kept[new_page] + first_come_ranks(new_page)
+        fits = index < cap
+        tok, head, chan, new_page, index = tok[fits], head[fits], chan[fits], new_page[fits], index[fits]
+        pos_view[pages[new_page], index] = (offset[tok] * (h * d) + head * d + chan).to(torch.int32).to(lay.position_dtype)
+        val_view[pages[new_page], index] = key[tok, head, chan].half()
+        added = torch.bincount(new_page, minlength=len(pages))
+        count_view[pages, 0] = (kept + added).to(torch.int32)
 
     # ------------------------------------------------------------------- load
     def load(self, cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

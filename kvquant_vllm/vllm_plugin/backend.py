@@ -1,9 +1,14 @@
-"""The kvquant attention backend for vLLM: builder + metadata + impl (PyTorch path).
+"""The kvquant attention backend for vLLM: builder + metadata + impl.
 
 Every forward first writes the step's new tokens into the quantized pages (RoPE undone with each
 token's position, KVQuant-quantized with the layer's calibration), then reads every token of every
 request back from the pages (the current chunk included), dequantizes, re-applies RoPE and attends.
 So what vLLM returns (tokens, logprobs, prompt logprobs) is the quantized model's.
+
+The PyTorch path does all of it on any device. With ``KVQUANT_KERNELS`` selecting the GPU kernels
+(see :mod:`kvquant_vllm.kernels`), the store is the Triton kernel, the batch's decode requests (vLLM
+puts them first) attend with the Triton or CUDA paged decode kernel, and its prefill chunks with the
+PyTorch path (dequantize the pages, then SDPA).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
+from kvquant_vllm.kernels import kernel_backend
 from kvquant_vllm.quant.paged import DTYPE_BITS, KVQUANT_OUTLIER_FRACTION, PageLayout
 from kvquant_vllm.quant.pagestore import PagedKVQuant
-from kvquant_vllm.quant.rope import apply_rope, invert_rope
+from kvquant_vllm.quant.rope import apply_rope, cos_sin_from_cache, invert_rope
 from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, load_calibration
 
 
@@ -108,8 +115,25 @@ class KVQuantMetadata:
     block_table: torch.Tensor  # [num_reqs, max_blocks] int64, the columns that hold max_seq_len
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64, negative for padding
     positions: torch.Tensor  # [num_actual_tokens] int64
-    max_query_len: int
-    max_seq_len: int
+    max_query_len: int  # an upper bound
+    max_seq_len: int  # an upper bound
+    num_decodes: int  # the first requests, one query token each
+
+    def split(self) -> tuple[KVQuantMetadata | None, KVQuantMetadata | None]:
+        """(the decode requests, the others): each as metadata of its own, None where there are none."""
+        d, r = self.num_decodes, len(self.query_lens)
+        decodes = others = None
+        if d:  # one token each: request i's token is token i
+            decodes = replace(self, num_actual_tokens=d, query_start_loc=self.query_start_loc[: d + 1],
+                              query_lens=self.query_lens[:d], seq_lens=self.seq_lens[:d],
+                              block_table=self.block_table[:d], slot_mapping=self.slot_mapping[:d],
+                              positions=self.positions[:d], max_query_len=1)
+        if d < r:
+            others = replace(self, num_actual_tokens=self.num_actual_tokens - d,
+                             query_start_loc=self.query_start_loc[d:] - d, query_lens=self.query_lens[d:],
+                             seq_lens=self.seq_lens[d:], block_table=self.block_table[d:],
+                             slot_mapping=self.slot_mapping[d:], positions=self.positions[d:], num_decodes=0)
+        return decodes, others
 
 
 class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
@@ -118,6 +142,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self._init_reorder_batch_threshold(1)  # decodes first: they go to the paged decode kernel
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -134,6 +159,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         slots = cm.slot_mapping[:n].long().clone()
         slots[len(req):] = -1
         max_blocks = math.ceil(cm.max_seq_len / self.block_size)
+        num_decodes, _, _, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         return KVQuantMetadata(
             num_actual_tokens=n,
             query_start_loc=qsl,
@@ -144,6 +170,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
             positions=positions,
             max_query_len=cm.max_query_len,
             max_seq_len=cm.max_seq_len,
+            num_decodes=num_decodes,
         )
 
 
@@ -185,12 +212,14 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
                              rope_parameters=getattr(hf, "rope_parameters", None), is_neox_style=True,
                              dtype=torch.float32)
         self.block_size = config.cache_config.block_size
-        self.store: PagedKVQuant | None = None  # built on first forward, when the layer index is known
+        # Built on first forward, when the layer index and the device are known.
+        self.store: PagedKVQuant | None = None
+        self.kernels: str | None = None  # 'torch', 'triton' or 'cuda'; kernel_backend()'s choice unless set
+        self.cos_sin_cache: torch.Tensor | None = None  # [max_position, head_size] float32 on the device
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [len(positions), head_size] float32 in the rotate-half layout."""
-        cos, sin = self.rope.cos_sin_cache.to(positions.device)[positions].float().chunk(2, dim=-1)
-        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        return cos_sin_from_cache(self.cos_sin_cache, positions)
 
     def forward(
         self,
@@ -210,15 +239,41 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         if self.store is None:
             index = extract_layer_index(layer.layer_name)
             self.store = PagedKVQuant(self.kv_cache_dtype, self.calibration, index, self.block_size).to(query.device)
+            self.kernels = self.kernels or kernel_backend(query.device)
+            self.cos_sin_cache = self.rope.cos_sin_cache.to(query.device, torch.float32)
         m = attn_metadata
         n = m.num_actual_tokens
-        key_pre_rope = invert_rope(key[:n].float(), *self._cos_sin(m.positions))
-        self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
-        output[:n] = self._attend(kv_cache, query[:n], m).to(output.dtype)
+        if self.kernels == "torch":
+            key_pre_rope = invert_rope(key[:n].float(), *self._cos_sin(m.positions))
+            self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
+            output[:n] = self._attend(kv_cache, query[:n], m).to(output.dtype)
+            return output
+        from kvquant_vllm.kernels.triton_store import store_tokens
+
+        store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, self.cos_sin_cache)
+        decodes, others = m.split()
+        if decodes is not None:
+            output[: decodes.num_actual_tokens] = self._decode(kv_cache, query[: decodes.num_actual_tokens],
+                                                               decodes).to(output.dtype)
+        if others is not None:
+            output[m.num_decodes : n] = self._attend(kv_cache, query[m.num_decodes : n], others).to(output.dtype)
         return output
 
+    def _decode(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
+        """Decode requests (one query token each) with the paged decode kernel: [num_reqs, Hq, D]."""
+        if self.kernels == "cuda":
+            from kvquant_vllm.kernels import cuda
+
+            return cuda.paged_decode_attention(query, cache, m.block_table.int(), m.seq_lens.int(), self.store,
+                                               self.cos_sin_cache, self.scale, max_seq_len=m.max_seq_len)
+        from kvquant_vllm.kernels.triton_decode import paged_decode_attention
+
+        return paged_decode_attention(query, cache, m.block_table, m.seq_lens, self.store, self.cos_sin_cache,
+                                      self.scale)
+
     def _attend(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
-        """Attention of every query token over its request's dequantized cache: [T, Hq, D]."""
+        """Attention of every query token over its request's dequantized cache: [T, Hq, D] float32 (rows of
+        padding tokens 0)."""
         r, nb = m.block_table.shape
         blocks = m.block_table.clamp(0, cache.shape[0] - 1)
         keys, values = self.store.load(cache, blocks.reshape(-1))  # [r * nb, bs, H, D]
@@ -228,7 +283,7 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             keys[:, 0], values[:, 0] = sink[:, 0], sink[:, 1]
         length = keys.shape[1]
         # Pages round the length up past max_model_len; those padded keys are masked, any angle will do.
-        positions = torch.arange(length, device=query.device).clamp_(max=self.rope.cos_sin_cache.shape[0] - 1)
+        positions = torch.arange(length, device=query.device).clamp_(max=self.cos_sin_cache.shape[0] - 1)
         cos, sin = self._cos_sin(positions)
         keys = apply_rope(keys.reshape(r * length, self.num_kv_heads, self.head_size),
                           cos.repeat(r, 1), sin.repeat(r, 1)).view(r, length, self.num_kv_heads, self.head_size)
@@ -245,4 +300,6 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=visible[:, None], scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads,
         ).transpose(1, 2)  # [r, Q, Hq, D]
-        return out[valid_q]
+        result = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+        result[flat[valid_q]] = out[valid_q]
+        return result

@@ -7,14 +7,13 @@ other cache dtype keep vLLM's own choice.
 
 from __future__ import annotations
 
+from kvquant_vllm.quant.kvquant import DEFAULT_BLOCK_SIZE
 from kvquant_vllm.quant.paged import DTYPE_BITS
 from kvquant_vllm.vllm_plugin.dtypes import is_kvquant_dtype
 
 # One backend per dtype (the page layout depends on the bits, and the spec does not carry them).
 BACKENDS = {dtype: (f"KVQUANT{bits}", f"kvquant_vllm.vllm_plugin.backend.KVQuant{bits}AttentionBackend")
             for dtype, bits in DTYPE_BITS.items()}
-# A 256-token page amortises its sink slot and outlier list over more tokens (see bits_per_element).
-DEFAULT_BLOCK_SIZE = 256
 
 
 def route_attention() -> None:

@@ -1,0 +1,272 @@
+"""Triton store and paged decode kernels against the PyTorch references (on the CPU, in Triton's interpreter:
+tests/conftest.py turns it on before triton is first imported)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from calib_helpers import random_calibration
+from kvquant_vllm.kernels import ENV_VAR, kernel_backend
+from kvquant_vllm.kernels.reference import paged_decode_fp16_reference, paged_decode_reference
+from kvquant_vllm.kernels.triton_decode import paged_decode_attention, paged_decode_fp16
+from kvquant_vllm.kernels.triton_store import store_tokens
+from kvquant_vllm.quant.kvquant import kvquant_methods
+from kvquant_vllm.quant.pagestore import PagedKVQuant
+from kvquant_vllm.quant.rope import apply_rope, cos_sin_from_cache, invert_rope, rope_cos_sin_cache
+from kvquant_vllm.quant.synthetic import synthetic_tokens
+
+
+@pytest.fixture
+def triton_runs():
+    """The kernels below launch on CPU tensors: only the interpreter runs them."""
+    if not isinstance(tl.zeros, InterpretedFunction):
+        pytest.fail("triton is not in interpreter mode: set TRITON_INTERPRET=1 before triton is first imported")
+
+
+interpreted = pytest.mark.usefixtures("triton_runs")
+
+
+def _cos_sin_cache(head_dim: int) -> torch.Tensor:
+    return rope_cos_sin_cache(1024, head_dim, 10000.0)
+
+
+def _store(dtype: str, block_size: int, heads: int, head_dim: int, rng: torch.Generator) -> PagedKVQuant:
+    return PagedKVQuant(dtype, random_calibration(kvquant_methods()[dtype].spec, rng, heads, head_dim), 0, block_size)
+
+
+def _keys_values(store: PagedKVQuant, length: int, outlier_rate: float, rng: torch.Generator):
+    return synthetic_tokens(store.key_scale, store.key_offset, length, outlier_rate, rng)
+
+
+def _random_pages(store: PagedKVQuant, num_blocks: int, rng: torch.Generator) -> torch.Tensor:
+    """Pages of random bytes (what a reused page holds) with empty key outlier lists."""
+    cache = torch.randint(0, 256, (num_blocks, store.layout.page_size_bytes), dtype=torch.uint8, generator=rng)
+    store.layout.view(cache, "key_out_count").zero_()
+    return cache
+
+
+# ---------------------------------------------------------------------------------------------- decode
+DECODE_CASES = {
+    # dtype, block size, kv heads, head dim, query heads per kv head, key outlier rate, seq lens, splits
+    "3bit-bs16-d64": ("kvquant3", 16, 2, 64, 1, 0.004, (1, 37, 16, 5), 1),
+    "4bit-bs32-d128-gqa3-overflow-split": ("kvquant4", 32, 1, 128, 3, 0.08, (70, 1, 32), 3),
+    "2bit-bs64-d64-gqa4-split": ("kvquant2", 64, 2, 64, 4, 0.004, (130, 64, 7), 2),
+    "3bit-no-outliers": ("kvquant3-nooutliers", 16, 2, 64, 3, 0.004, (33, 2), 2),
+    "3bit-no-sink-empty-lists": ("kvquant3-nosink", 32, 2, 128, 1, 0.0, (45, 1), 1),
+    "3bit-d256-three-value-outliers": ("kvquant3", 16, 1, 256, 2, 0.004, (20, 3), 2),
+    # 256 x 2 x 128 key elements: 16-bit outlier positions past 32767, read unsigned.
+    "4bit-bs256-unsigned-positions": ("kvquant4", 256, 2, 128, 4, 0.004, (300, 255), 2),
+    # 256 x 3 x 128 key elements: 32-bit positions.
+    "3bit-bs256-int32-positions": ("kvquant3", 256, 3, 128, 1, 0.004, (257,), 1),
+}
+
+
+def _decode_setup(dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, rng):
+    store = _store(dtype, block_size, heads, head_dim, rng)
+    pages_per_seq = -(-max(lens) // block_size)
+    num_blocks = len(lens) * pages_per_seq + 3
+    cache = _random_pages(store, num_blocks, rng)
+    # Non-contiguous, shuffled block ids; the unused tail of each row points anywhere.
+    block_table = torch.randperm(num_blocks, generator=rng)[: len(lens) * pages_per_seq].view(len(lens), -1)
+    for row, n in zip(block_table, lens):
+        key, value = _keys_values(store, n, outlier_rate, rng)
+        pos = torch.arange(n)
+        store.store(cache, key, value, row[pos // block_size] * block_size + pos % block_size, pos)
+    query = torch.randn(len(lens), heads * gqa, head_dim, generator=rng)
+    return store, cache, block_table, torch.tensor(lens), query
+
+
+@interpreted
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_matches_reference(case, rng):
+    dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, splits = DECODE_CASES[case]
+    store, cache, block_table, seq_lens, query = _decode_setup(dtype, block_size, heads, head_dim, gqa, outlier_rate,
+                                                               lens, rng)
+    cos_sin, scale = _cos_sin_cache(head_dim), head_dim**-0.5
+    expected = paged_decode_reference(query, cache, block_table, seq_lens, store, cos_sin, scale)
+    for table, lengths in ((block_table, seq_lens), (block_table.int(), seq_lens.int())):
+        out = paged_decode_attention(query, cache, table, lengths, store, cos_sin, scale, num_splits=splits)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if splits > 1:  # the split-K path and the single pass agree
+        single = paged_decode_attention(query, cache, block_table, seq_lens, store, cos_sin, scale, num_splits=1)
+        torch.testing.assert_close(single, expected, rtol=1e-4, atol=1e-5)
+
+
+@interpreted
+def test_decode_key_outliers_matter_and_overflow(rng):
+    """The overflow case really fills lists, and without the key outliers the result moves far past the tolerance."""
+    dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, _ = DECODE_CASES["4bit-bs32-d128-gqa3-overflow-split"]
+    store, cache, block_table, seq_lens, query = _decode_setup(dtype, block_size, heads, head_dim, gqa, outlier_rate,
+                                                               lens, rng)
+    counts = store.layout.view(cache, "key_out_count")[block_table.flatten()]
+    assert int(counts.max()) == store.layout.key_outlier_capacity
+    cos_sin, scale = _cos_sin_cache(head_dim), head_dim**-0.5
+    out = paged_decode_attention(query, cache, block_table, seq_lens, store, cos_sin, scale)
+    store.layout.view(cache, "key_out_count").zero_()
+    without = paged_decode_reference(query, cache, block_table, seq_lens, store, cos_sin, scale)
+    assert (out - without).abs().max() > 1e-2
+
+
+@interpreted
+def test_decode_half_precision_query(rng):
+    store, cache, block_table, seq_lens, query = _decode_setup("kvquant3", 16, 2, 64, 2, 0.01, (40, 9), rng)
+    cos_sin, scale = _cos_sin_cache(64), 64**-0.5
+    expected = paged_decode_reference(query.half(), cache, block_table, seq_lens, store, cos_sin, scale)
+    out = paged_decode_attention(query.half(), cache, block_table, seq_lens, store, cos_sin, scale)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=2e-3)
+
+
+@interpreted
+@pytest.mark.parametrize("block_size, heads, head_dim, gqa, splits", [(16, 2, 64, 4, 1), (32, 1, 128, 3, 2)])
+def test_fp16_baseline_matches_reference(block_size, heads, head_dim, gqa, splits, rng):
+    lens = (1, 2 * block_size + 3, block_size)
+    pages_per_seq = -(-max(lens) // block_size)
+    num_blocks = len(lens) * pages_per_seq + 2
+    key_cache, value_cache = (torch.randn(num_blocks, block_size, heads, head_dim, generator=rng).half()
+                              for _ in range(2))
+    block_table = torch.randperm(num_blocks, generator=rng)[: len(lens) * pages_per_seq].view(len(lens), -1)
+    seq_lens = torch.tensor(lens)
+    # Slots past a sequence's end hold NaN: they must not leak into any output.
+    filled = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    for row, n in zip(block_table, lens):
+        pos = torch.arange(n)
+        filled[row[pos // block_size] * block_size + pos % block_size] = True
+    for c in (key_cache, value_cache):
+        c.view(-1, heads, head_dim)[~filled] = float("nan")
+    query = torch.randn(len(lens), heads * gqa, head_dim, generator=rng)
+    scale = head_dim**-0.5
+    expected = paged_decode_fp16_reference(query, key_cache, value_cache, block_table, seq_lens, scale)
+    out = paged_decode_fp16(query, key_cache, value_cache, block_table, seq_lens, scale, num_splits=splits)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out16 = paged_decode_fp16(query.half(), key_cache, value_cache, block_table.int(), seq_lens.int(), scale)
+    torch.testing.assert_close(out16.float(), expected, rtol=0, atol=3e-3)
+
+
+# ----------------------------------------------------------------------------------------------- store
+def _store_both(store, torch_cache, triton_cache, key, value, slots, positions, cos_sin):
+    """The torch store (keys un-rotated by quant.rope) and the Triton store of the same post-RoPE tokens."""
+    key_post = apply_rope(key, *cos_sin_from_cache(cos_sin, positions)).to(value.dtype)
+    store.store(torch_cache, invert_rope(key_post.float(), *cos_sin_from_cache(cos_sin, positions)), value, slots,
+                positions)
+    store_tokens(triton_cache, key_post, value, slots, positions, store, cos_sin)
+
+
+STORE_CASES = {
+    # dtype, block size, kv heads, head dim, chunks of one sequence, key outlier rate, input dtype
+    "3bit-bs16-d64": ("kvquant3", 16, 2, 64, (5, 1, 20), 0.004, torch.float32),
+    "4bit-bs32-d128-overflow-fp16": ("kvquant4", 32, 3, 128, (40, 1, 1, 7), 0.08, torch.float16),
+    "2bit-bs16": ("kvquant2", 16, 1, 64, (3, 17), 0.004, torch.float32),
+    "3bit-no-outliers": ("kvquant3-nooutliers", 16, 2, 64, (9, 12), 0.004, torch.float32),
+    "3bit-no-sink": ("kvquant3-nosink", 64, 2, 64, (70,), 0.004, torch.float32),
+    "3bit-d256-three-value-outliers": ("kvquant3", 16, 1, 256, (7, 12), 0.004, torch.float32),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("case", STORE_CASES)
+def test_store_writes_the_same_bytes(case, rng):
+    dtype, block_size, heads, head_dim, chunks, outlier_rate, in_dtype = STORE_CASES[case]
+    store = _store(dtype, block_size, heads, head_dim, rng)
+    length = sum(chunks)
+    blocks = torch.randperm(length // block_size + 4, generator=rng)[: -(-length // block_size)]
+    torch_cache = _random_pages(store, length // block_size + 4, rng)
+    triton_cache = torch_cache.clone()
+    key, value = _keys_values(store, length, outlier_rate, rng)
+    cos_sin = _cos_sin_cache(head_dim)
+    start = 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        _store_both(store, torch_cache, triton_cache, key[pos], value[pos].to(in_dtype),
+                    blocks[pos // block_size] * block_size + pos % block_size, pos, cos_sin)
+        start += n
+    counts = store.layout.view(torch_cache, "key_out_count")[blocks]
+    if "overflow" in case:
+        assert int(counts.max()) == store.layout.key_outlier_capacity
+    assert torch.equal(triton_cache, torch_cache)
+
+
+@interpreted
+def test_store_edge_values(rng):
+    """Values on codebook midpoints (integers: 0 is the midpoint of the uniform 3-bit book) and flat vectors
+    (scale clamped to 1e-4), each with one far outlier."""
+    store = _store("kvquant3", 16, 2, 64, rng)
+    torch_cache = _random_pages(store, 2, rng)
+    triton_cache = torch_cache.clone()
+    key, _ = _keys_values(store, 16, 0.004, rng)
+    value = torch.randint(-2, 3, (16, 2, 64), generator=rng).float()
+    value[8:] = 5.0
+    value[torch.arange(16), :, torch.randint(0, 64, (16,), generator=rng)] = 50.0
+    pos = torch.arange(16)
+    _store_both(store, torch_cache, triton_cache, key, value, 16 + pos, pos, _cos_sin_cache(64))
+    assert torch.equal(triton_cache, torch_cache)
+
+
+@interpreted
+def test_store_rewrite_from_the_middle_drops_stale_outliers(rng):
+    """A page refilled from offset 8 (a new request after a shared prefix) forgets the old outliers at
+    offsets >= 8 and keeps those before; a decode batch of several sequences with padding slots."""
+    store = _store("kvquant3", 16, 2, 64, rng)
+    torch_cache = _random_pages(store, 6, rng)
+    triton_cache = torch_cache.clone()
+    cos_sin = _cos_sin_cache(64)
+    old_key, old_value = _keys_values(store, 32, 0.03, rng)
+    pos = torch.arange(32)
+    slots = torch.tensor([3, 1])[pos // 16] * 16 + pos % 16
+    _store_both(store, torch_cache, triton_cache, old_key, old_value, slots, pos, cos_sin)
+    assert int(store.layout.view(torch_cache, "key_out_count")[3]) > 0
+    new_key, new_value = _keys_values(store, 12, 0.03, rng)
+    pos = torch.arange(8, 20)
+    slots = torch.tensor([3, 5])[pos // 16] * 16 + pos % 16
+    _store_both(store, torch_cache, triton_cache, new_key, new_value, slots, pos, cos_sin)
+    assert torch.equal(triton_cache, torch_cache)
+
+    # One decode token each for three sequences, interleaved with padding.
+    key, value = _keys_values(store, 5, 0.03, rng)
+    slots = torch.tensor([-1, 3 * 16 + 8, 5 * 16 + 4, -1, 1 * 16 + 0])
+    positions = torch.tensor([0, 8, 20, 0, 16])
+    _store_both(store, torch_cache, triton_cache, key, value, slots, positions, cos_sin)
+    assert torch.equal(triton_cache, torch_cache)
+
+
+# -------------------------------------------------------------------------------------------- dispatch
+@pytest.mark.parametrize("value, device, expected", [
+    (None, "cpu", "torch"), ("auto", "cpu", "torch"), ("torch", "cpu", "torch"), ("Triton", "cpu", "triton"),
+    ("", "cpu", "torch"),
+])
+def test_kernel_backend_choice(value, device, expected, monkeypatch):
+    if value is None:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ENV_VAR, value)
+    assert kernel_backend(device) == expected
+
+
+@pytest.mark.parametrize("cuda_ok, expected", [(True, "cuda"), (False, "triton")])
+def test_kernel_backend_auto_on_cuda(cuda_ok, expected, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "auto")
+    monkeypatch.setattr("kvquant_vllm.kernels.cuda_kernels_available", lambda: cuda_ok)
+    assert kernel_backend("cuda") == expected
+    assert kernel_backend("cpu") == "torch"
+
+
+def test_kernel_backend_errors(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "tensorrt")
+    with pytest.raises(ValueError, match=r"KVQUANT_KERNELS='tensorrt' is not one of auto, torch, triton, cuda"):
+        kernel_backend("cpu")
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    monkeypatch.setattr("kvquant_vllm.kernels.cuda_kernels_available", lambda: False)
+    with pytest.raises(RuntimeError, match="KVQUANT_KERNELS=cuda"):
+        kernel_backend("cuda")
+
+
+def test_kernels_import_without_vllm():
+    """The GPU benchmark machine has torch and triton only."""
+    code = ("import sys, kvquant_vllm.kernels, kvquant_vllm.kernels.reference, kvquant_vllm.kernels.triton_decode, "
+            "kvquant_vllm.kernels.triton_store; assert 'vllm' not in sys.modules, 'vllm was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
