@@ -30,9 +30,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# Compiles the CUDA kernels of csrc/ for sm_90 with nvcc against the installed torch headers (no GPU needed).
+# Compiles the CUDA kernels of csrc/ (nvcc, against the installed torch headers) and the Triton kernels
+# (Triton's compiler and bundled ptxas) for sm_90; no GPU needed.
 check-cuda: setup
 	$(BIN)/python -m kvquant_vllm.kernels.cuda build/check-cuda
+	env -u TRITON_INTERPRET $(BIN)/python -m kvquant_vllm.kernels.compile_check --arch 90
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -227,7 +227,11 @@ def run_timing(args: argparse.Namespace, device: torch.device, cuda_kernel: bool
                 continue
             cache = templates[dtype].repeat(math.ceil(batch * pages / TEMPLATE_PAGES), 1)[: batch * pages]
             table = torch.randperm(batch * pages, device=device).view(batch, pages).int()
-            kernels = {"triton": lambda: paged_decode_attention(query, cache, table, seq_lens, store, cos_sin, scale)}
+            kernels = {
+                "triton": lambda: paged_decode_attention(query, cache, table, seq_lens, store, cos_sin, scale),
+                "triton, 1 stage": lambda: paged_decode_attention(query, cache, table, seq_lens, store, cos_sin,
+                                                                  scale, num_stages=1),
+            }
             if cuda_kernel:
                 from kvquant_vllm.kernels import cuda
 

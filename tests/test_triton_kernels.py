@@ -1,6 +1,7 @@
 """Triton store and paged decode kernels against the PyTorch references (on the CPU, in Triton's interpreter:
 tests/conftest.py turns it on before triton is first imported)."""
 
+import os
 import subprocess
 import sys
 
@@ -270,3 +271,16 @@ def test_kernels_import_without_vllm():
             "kvquant_vllm.kernels.triton_store; assert 'vllm' not in sys.modules, 'vllm was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_kernels_compile_for_sm90():
+    """Every Triton kernel, as its launcher calls it for the benchmark's and the bundled model's shapes, compiles
+    to an sm_90 cubin with Triton's compiler (which checks more than the interpreter does)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "kvquant_vllm.kernels.compile_check", "--arch", "90"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    compiled = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")]
+    assert len(compiled) == 25
+    assert set(compiled) == {"_store_kernel", "_key_outlier_kernel", "_kvquant_decode_kernel", "_reduce_splits_kernel",
+                             "_fp16_decode_kernel"}

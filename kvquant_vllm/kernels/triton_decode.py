@@ -327,6 +327,7 @@ class _Launch:
 def paged_decode_attention(
     query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
     store: PagedKVQuant, cos_sin_cache: torch.Tensor, scale: float, num_splits: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per sequence over its kvquant pages (the contract of
     :func:`kvquant_vllm.kernels.reference.paged_decode_reference`).
@@ -334,7 +335,9 @@ def paged_decode_attention(
     query: [num_seqs, num_q_heads, D] fp16/bf16/fp32, post-RoPE; cache: [num_blocks, ...] uint8 pages of
     ``store``'s layout (tables on the query's device); block_table: [num_seqs, max_blocks] int32/int64;
     seq_lens: [num_seqs] int32/int64 (tokens attended, the current one included); cos_sin_cache:
-    [max_position, D] (cos half | sin half); num_splits: splits of the context (None: a heuristic).
+    [max_position, D] (cos half | sin half); num_splits: splits of the context (None: a heuristic);
+    num_stages: Triton's software pipelining depth (None: Triton's default, 3, which takes ~115 KB of shared
+    memory per program at head dim 128 against ~13 KB with 1; benchmarks/kernels.py times both).
     Returns [num_seqs, num_q_heads, D] of the query's dtype.
     """
     lay = store.layout
@@ -357,6 +360,7 @@ def paged_decode_attention(
         TILE=_tile(lay.block_size, lay.head_dim), GQA=run.gqa, GQA_PAD=run.gqa_pad, NUM_SPLITS=run.splits,
         KEY_CAP=cap, VALUE_OUTLIERS=lay.value_outliers_per_vector,
         POSITION_BYTES=lay.position_dtype.itemsize, HAS_SINK=store.sink, OUTLIER_CHUNK=OUTLIER_CHUNK,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     return run.finish()
 
