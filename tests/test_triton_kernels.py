@@ -259,6 +259,10 @@ def test_kernel_backend_errors(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "tensorrt")
     with pytest.raises(ValueError, match=r"KVQUANT_KERNELS='tensorrt' is not one of auto, torch, triton, cuda"):
         kernel_backend("cpu")
+    monkeypatch.setenv(ENV_VAR, "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
+        kernel_backend("cpu")
     monkeypatch.setenv(ENV_VAR, "cuda")
     monkeypatch.setattr("kvquant_vllm.kernels.cuda_kernels_available", lambda: False)
     with pytest.raises(RuntimeError, match="KVQUANT_KERNELS=cuda"):

@@ -37,6 +37,9 @@ def kernel_backend(device: torch.device | str) -> str:
         if torch.device(device).type != "cuda":
             return "torch"
         return "cuda" if cuda_kernels_available() else "triton"
+    if choice == "triton" and torch.device(device).type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{ENV_VAR}=triton on a CPU runs the kernels in Triton's interpreter (slow; for tests): "
+                           f"set TRITON_INTERPRET=1 as well, or use {ENV_VAR}=torch")
     if choice == "cuda" and not cuda_kernels_available():
         raise RuntimeError(f"{ENV_VAR}=cuda, but the CUDA decode kernel cannot run here (it needs a CUDA GPU, "
                            f"nvcc and a CUDA build of torch); use {ENV_VAR}=triton or auto")

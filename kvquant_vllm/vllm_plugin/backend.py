@@ -212,9 +212,10 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
                              rope_parameters=getattr(hf, "rope_parameters", None), is_neox_style=True,
                              dtype=torch.float32)
         self.block_size = config.cache_config.block_size
+        # 'torch', 'triton' or 'cuda': decided (and a bad KVQUANT_KERNELS refused) before the engine allocates.
+        self.kernels = kernel_backend(config.device_config.device_type)
         # Built on first forward, when the layer index and the device are known.
         self.store: PagedKVQuant | None = None
-        self.kernels: str | None = None  # 'torch', 'triton' or 'cuda'; kernel_backend()'s choice unless set
         self.cos_sin_cache: torch.Tensor | None = None  # [max_position, head_size] float32 on the device
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +240,6 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         if self.store is None:
             index = extract_layer_index(layer.layer_name)
             self.store = PagedKVQuant(self.kv_cache_dtype, self.calibration, index, self.block_size).to(query.device)
-            self.kernels = self.kernels or kernel_backend(query.device)
             self.cos_sin_cache = self.rope.cos_sin_cache.to(query.device, torch.float32)
         m = attn_metadata
         n = m.num_actual_tokens
