@@ -138,3 +138,20 @@ def test_padding_slots_are_skipped(rng):
     cache = torch.zeros(2, store.layout.page_size_bytes, dtype=torch.uint8)
     store.store(cache, key, value, torch.tensor([-1, -1, -1, -1]), torch.arange(4))
     assert cache.eq(0).all()
+
+
+def test_uninitialised_pages_with_32_bit_positions(rng):
+    """Pages of random bytes (counts and positions included) in a layout with int32 outlier positions, where
+    garbage may be negative: a sequence written from offset 0 decodes as the codec says."""
+    cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 8, 128)
+    store = PagedKVQuant("kvquant3", cal, 0, 128)
+    assert store.layout.position_dtype == torch.int32
+    key, value = _sequence(cal, 200, rng, outlier_rate=0.02)
+    cache = torch.randint(0, 256, (3, store.layout.page_size_bytes), dtype=torch.uint8, generator=rng)
+    store.layout.view(cache, "key_out_pos").view(torch.int32)[:, :8] = -5  # negative garbage for sure
+    blocks = torch.tensor([2, 0])
+    _store_in_chunks(store, cache, key, value, blocks, [70, 1, 129])
+    k, v = _read(store, cache, blocks, 200)
+    codec = _codec("kvquant3", cal, 128)
+    torch.testing.assert_close(k, codec.fake_quant(key, "key", 0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(v, codec.fake_quant(value, "value", 0), rtol=0, atol=1e-5)

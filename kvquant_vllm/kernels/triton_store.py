@@ -115,7 +115,8 @@ def _store_kernel(
             for e0 in range(0, count, LIST_CHUNK):
                 e = e0 + tl.arange(0, LIST_CHUNK)
                 listed = _list_positions(page + KEY_OUT_POS, e, e < count, POSITION_BYTES)
-                kept += tl.sum(((e < count) & (listed // (NUM_KV_HEADS * HEAD_DIM) < offset)).to(tl.int32), 0)
+                stays = (e < count) & (listed >= 0) & (listed // (NUM_KV_HEADS * HEAD_DIM) < offset)
+                kept += tl.sum(stays.to(tl.int32), 0)
             tl.store(kept_ptr + token, kept)
 
         # Values: the VALUE_OUTLIERS elements farthest from the (lower) median are outliers; the inliers'

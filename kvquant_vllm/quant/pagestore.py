@@ -107,7 +107,7 @@ class PagedKVQuant:
         pos_view, val_view, count_view = (lay.view(cache, n) for n in ("key_out_pos", "key_out_val", "key_out_count"))
         old_offset = lay.key_positions(pos_view[pages]) // (h * d)  # [P, cap]
         listed = torch.arange(cap, device=page.device) < count_view[pages].long()
-        kept = (listed & (old_offset < first_new[:, None])).sum(1)  # [P]
+        kept = (listed & (old_offset >= 0) & (old_offset < first_new[:, None])).sum(1)  # [P]
 
         tok, head, chan = kmask.nonzero(as_tuple=True)  # tokens of a page arrive in position order
         new_page = local[tok]
@@ -144,7 +144,7 @@ class PagedKVQuant:
             pos = lay.key_positions(lay.view(pages, "key_out_pos"))
             valid = torch.arange(cap, device=pages.device) < lay.view(pages, "key_out_count").long()
             flat = torch.cat([key.reshape(n, -1), key.new_zeros(n, 1)], dim=1)  # column -1 absorbs unused entries
-            pos = torch.where(valid & (pos < bs * h * d), pos, bs * h * d)
+            pos = torch.where(valid & (pos >= 0) & (pos < bs * h * d), pos, bs * h * d)
             flat.scatter_(1, pos, lay.view(pages, "key_out_val").float())
             key = flat[:, :-1].reshape(n, bs, h, d)
         return key, value
