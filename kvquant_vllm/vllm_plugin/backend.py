@@ -91,9 +91,6 @@ class KVQuantAttentionBackend(AttentionBackend):
         return replace(spec, num_head_slots=1, state_content_bytes=math.ceil(page / spec.block_size))
 
 
-
-
-
 class KVQuant2AttentionBackend(KVQuantAttentionBackend):
     bits = 2
 
