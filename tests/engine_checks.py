@@ -38,7 +38,7 @@ def attention_check_reports(model: torch.nn.Module) -> list[dict]:
 
 def _checked(impl, forward, layer_index: int):
     from kvquant_vllm.quant.kvquant import KVQuantCodec, kvquant_methods
-    from kvquant_vllm.quant.rope import apply_rope, cos_sin_from_cache, invert_rope
+    from kvquant_vllm.quant.rope import invert_rope
 
     options = kvquant_methods()[impl.kv_cache_dtype]
     codec = KVQuantCodec(impl.kv_cache_dtype, replace(options, block_size=impl.block_size), impl.calibration)
@@ -57,8 +57,8 @@ def _checked(impl, forward, layer_index: int):
         for i in range(len(qsl) - 1):
             start, end = qsl[i], qsl[i + 1]
             positions = m.positions[start:end]
-            cos, sin = cos_sin_from_cache(impl.cos_sin_cache, positions)
-            k_pre = invert_rope(key[start:end].float().view(-1, h, d), cos, sin)
+            cos, sin = impl.rope.cos_sin(positions)
+            k_pre = invert_rope(key[start:end].float().view(-1, h, d), cos, sin) * impl.rope.inverse_gain
             seen = history.setdefault(int(m.block_table[i, 0]), {})
             for j, p in enumerate(positions.tolist()):
                 seen[p] = (k_pre[j], value[start + j].float().view(h, d))
@@ -69,8 +69,7 @@ def _checked(impl, forward, layer_index: int):
             keys = torch.stack([seen[p][0] for p in range(length)])
             values = torch.stack([seen[p][1] for p in range(length)])
             all_pos = torch.arange(length, device=keys.device)
-            keys = apply_rope(codec.fake_quant(keys, "key", layer_index),
-                              *cos_sin_from_cache(impl.cos_sin_cache, all_pos)).double()
+            keys = impl.rope.rotate(codec.fake_quant(keys, "key", layer_index), all_pos).double()
             values = codec.fake_quant(values, "value", layer_index).double()
             q = query[start:end].double().view(end - start, -1, d)
             group = q.shape[1] // h

@@ -28,15 +28,16 @@ def _calibration(spec: CalibrationSpec, rng) -> KVQuantCalibration:
 def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torch.Tensor,
                     block_size: int | None = None, capacity: int = 0) -> torch.Tensor:
     """float64 reference: per-channel normalise, argmin over the codebook, outliers and sink exact; with a
-    block size, only the first ``capacity`` outliers of each block (token, head, channel order) are exact."""
+    block size, only the first ``capacity`` outliers of each block and kv head (token, channel order) are exact."""
     x = x.double()
     xn = (x - cal.key_offset.double()) / cal.key_scale.double()
     out = xn.abs() > 1
     out[0] = False
     if block_size:
         for start in range(0, len(x), block_size):
-            block = out[start:start + block_size].reshape(-1)  # a view: written through
-            block[block.cumsum(0) > capacity] = False
+            for head in range(x.shape[1]):
+                block = out[start:start + block_size, head]  # a view: written through
+                block[block.flatten().cumsum(0).view(block.shape) > capacity] = False
     codes = (xn.clamp(-1, 1)[..., None] - book.double()).abs().argmin(-1)
     rec = dec_book.double()[codes] * cal.key_scale.double() + cal.key_offset.double()
     rec = torch.where(out, x.half().double(), rec)
@@ -59,18 +60,20 @@ def test_keys_match_float64_reference(rng):
 
 @pytest.mark.parametrize("block_size", [4, 8, 256])
 def test_keys_keep_the_first_outliers_of_each_page(block_size, rng):
-    """With pages of block_size tokens, each lists at most 1% of its key elements, first come first kept."""
+    """With pages of block_size tokens, each kv head of a page lists at most 1% of its key elements, first come
+    first kept."""
     spec = CalibrationSpec(3)
     cal = _calibration(spec, rng)
     layer = cal.layers[0]
     codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, block_size=block_size), cal)
     x = torch.randn(33, H, D, generator=rng) * layer.key_scale * 1.2 + layer.key_offset
-    capacity = -(-block_size * H * D // 100)
+    capacity = -(-block_size * D // 100)
     ref = _reference_keys(x, layer, layer.key_codebook, layer.key_codebook, block_size, capacity)
     assert (codec.decode(codec.encode(x, "key", 0)).double() - ref).abs().max() < 1e-5
     listed = codec.encode(x, "key", 0).outlier_index
     assert listed.numel() < (((x - layer.key_offset) / layer.key_scale).abs()[1:] > 1).sum()  # some overflowed
-    assert torch.bincount(listed // (block_size * H * D)).max() == capacity
+    lists = listed // (block_size * H * D) * H + listed // D % H  # (page, head)
+    assert torch.bincount(lists).max() == capacity
 
 
 def test_qnorm_changes_only_decoding(rng):

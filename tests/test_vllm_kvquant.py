@@ -34,10 +34,10 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a te
            "The three primary colors are"]
 # Greedy kvquant3 continuations (fp32 model, the kvquant_model_dir calibration), recorded on x86-64 CPU.
 EXPECTED = [
-    " Paris.\n\nThe answer is: 2\n\nThe answer is:",
-    "\n    n = 10\n    while n > 1:\n        n =",
+    " Paris.\n\nThe United States has a population of approximately 311",
+    "\n    n = 10\n    while n > 10:\n        n",
     " around 1,000°C, which is significantly higher than the",
-    " the primary colors of the RGB color model: red, blue, and green.",
+    " the primary colors of the RGB color model, which are:\n\n* Red",
 ]
 
 

@@ -1,10 +1,15 @@
-"""Triton device functions over packed codes and page sections, shared by the store and decode kernels.
+"""Triton device functions over kvquant pages (layout version 2, :mod:`kvquant_vllm.quant.paged`), shared by the
+store and the attention kernels: packed codes, one kv head's tile of dequantized keys and values, its key
+outliers, and RoPE from inverse frequencies.
 
-Codes follow :mod:`kvquant_vllm.quant.packing`: 8 codes of BITS bits fill BITS bytes, little-endian, so
-channel c of a vector lies at bit (c % 8) * BITS of the word made of bytes (c // 8) * BITS ...
+Codes are in bit planes (:func:`~kvquant_vllm.quant.packing.pack_code_planes`): channel c of a vector is bits
+of word c % W of each plane, shifted by (c // W) * width, so a tile unpacks with one load of aligned 32-bit
+words (the same word for the channels that share it), one shift and one mask per plane.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -13,70 +18,83 @@ import triton.language as tl
 from kvquant_vllm.quant.paged import PageLayout
 
 SUPPORTED_BITS = (2, 3, 4)
+TWO_PI = tl.constexpr(2 * math.pi)
 
 
 def section_offsets(layout: PageLayout) -> dict[str, int]:
-    """Byte offset of every section of a page, as the kernels' constexpr keyword arguments (``KEY_CODES=...``)."""
-    return {name.upper(): offset for name, (offset, _, _) in layout.sections().items()}
+    """Byte offset of every section within a head's segment, and the segments' stride, as the kernels'
+    constexpr keyword arguments (``KEY_CODES=...``, ``HEAD_STRIDE=...``)."""
+    offsets = {name.upper(): offset for name, (offset, _, _) in layout.sections().items()}
+    return offsets | {"HEAD_STRIDE": layout.head_stride}
 
 
 def page_view(cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
-    """``cache`` [num_blocks, ...] uint8 as [num_blocks, page bytes]; each page contiguous, 4-byte aligned
-    (the fp16 and int32 sections are read in place)."""
+    """``cache`` [num_blocks, ...] uint8 as [num_blocks, page bytes]; each page contiguous and 16-byte aligned
+    (sections are read in place with aligned vector loads)."""
     if cache.dtype != torch.uint8:
         raise TypeError(f"the kvquant cache must be uint8, got {cache.dtype}")
     pages = cache.view(cache.shape[0], -1)
     if pages.shape[1] < layout.page_size_bytes:
         raise ValueError(f"cache pages hold {pages.shape[1]} bytes, the layout needs {layout.page_size_bytes}")
-    if pages.data_ptr() % 4 or pages.stride(0) % 4:
-        raise ValueError("cache pages must start at 4-byte aligned addresses")
+    if pages.data_ptr() % 16 or pages.stride(0) % 16:
+        raise ValueError("cache pages must start at 16-byte aligned addresses")
     if layout.bits not in SUPPORTED_BITS:
         raise ValueError(f"the Triton kernels take {SUPPORTED_BITS}-bit codes, not {layout.bits}")
-    if layout.head_dim % 32 or layout.head_dim & (layout.head_dim - 1):
-        raise ValueError(f"the Triton kernels need a power-of-two head dim >= 32, not {layout.head_dim}")
+    if layout.head_dim & (layout.head_dim - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two head dim, not {layout.head_dim}")
     return pages
 
 
+# ------------------------------------------------------------------------------------------------ codes
 @triton.jit
-def unpack_tile(rows, FIRST_GROUP: tl.constexpr, GROUPS: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, mask):
-    """Codes of channels FIRST_GROUP * 8 .. (FIRST_GROUP + GROUPS) * 8 - 1 of ROWS packed vectors.
-
-    rows: [ROWS] uint8 pointers to each vector's first byte; mask: [ROWS] (masked rows give code 0).
-    Returns [ROWS, GROUPS * 8] int32.
-    """
-    group = FIRST_GROUP + tl.arange(0, GROUPS)
-    word = tl.zeros([ROWS, GROUPS], tl.int32)
-    for b in tl.static_range(BITS):
-        byte = tl.load(rows[:, None] + group[None, :] * BITS + b, mask=mask[:, None], other=0)
-        word = word | (byte.to(tl.int32) << (8 * b))
-    shift = tl.arange(0, 8) * BITS
-    codes = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (ROWS, GROUPS * 8))
+def unpack_codes(rows, channel, mask, HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
+    """Codes of channels ``channel`` [C] int32 of the packed vectors at ``rows`` [R] (uint8 pointers, 4-byte
+    aligned); mask [R] (masked rows give code 0). Returns [R, C] int32."""
+    WIDTH: tl.constexpr = BITS - BITS % 2  # the low plane: 2 bits (2- and 3-bit codes) or 4
+    WORDS: tl.constexpr = HEAD_DIM * WIDTH // 32
+    words = rows.to(tl.pointer_type(tl.int32))[:, None]
+    word = tl.load(words + (channel % WORDS)[None, :], mask=mask[:, None], other=0)
+    code = (word >> ((channel // WORDS) * WIDTH)[None, :]) & ((1 << WIDTH) - 1)
+    if BITS == 3:  # the third bit from the 1-bit plane
+        HIGH: tl.constexpr = HEAD_DIM // 32
+        word = tl.load(words + WORDS + (channel % HIGH)[None, :], mask=mask[:, None], other=0)
+        code = code | (((word >> (channel // HIGH)[None, :]) & 1) << 2)
+    return code
 
 
 @triton.jit
-def code_at(rows, channel, BITS: tl.constexpr, mask):
+def code_at(rows, channel, mask, HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
     """Code of one channel per vector: rows [N] uint8 pointers, channel [N] int32 -> [N] int32 (0 where masked)."""
-    bit = (channel % 8) * BITS
-    byte = rows + (channel // 8) * BITS + bit // 8
-    lo = tl.load(byte, mask=mask, other=0).to(tl.int32)
-    # A 3-bit code may straddle two bytes of its group.
-    hi = tl.load(byte + 1, mask=mask & (bit % 8 + BITS > 8), other=0).to(tl.int32)
-    return ((lo | (hi << 8)) >> (bit % 8)) & ((1 << BITS) - 1)
+    WIDTH: tl.constexpr = BITS - BITS % 2  # the low plane: 2 bits (2- and 3-bit codes) or 4
+    WORDS: tl.constexpr = HEAD_DIM * WIDTH // 32
+    words = rows.to(tl.pointer_type(tl.int32))
+    word = tl.load(words + channel % WORDS, mask=mask, other=0)
+    code = (word >> ((channel // WORDS) * WIDTH)) & ((1 << WIDTH) - 1)
+    if BITS == 3:
+        HIGH: tl.constexpr = HEAD_DIM // 32
+        word = tl.load(words + WORDS + channel % HIGH, mask=mask, other=0)
+        code = code | (((word >> (channel // HIGH)) & 1) << 2)
+    return code
 
 
 @triton.jit
 def pack_store(rows, codes, mask, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr):
-    """Pack codes [ROWS, HEAD_DIM] int32 (each < 2**BITS) and write them to rows [ROWS] uint8 pointers
-    (HEAD_DIM * BITS / 8 bytes each) where mask [ROWS]."""
-    GROUPS: tl.constexpr = HEAD_DIM // 8
-    shift = tl.arange(0, 8) * BITS
-    # The codes' bit fields do not overlap: their sum is their bitwise or.
-    word = tl.sum(tl.reshape(codes.to(tl.uint32), (ROWS, GROUPS, 8)) << shift[None, None, :].to(tl.uint32), 2)
-    group = tl.arange(0, GROUPS)
-    for b in tl.static_range(BITS):
-        tl.store(rows[:, None] + group[None, :] * BITS + b, ((word >> (8 * b)) & 0xFF).to(tl.uint8),
-                 mask=mask[:, None])
+    """Pack codes [ROWS, HEAD_DIM] int32 (each < 2**BITS) in bit planes and write them to rows [ROWS] uint8
+    pointers (4-byte aligned, HEAD_DIM * BITS / 8 bytes each) where mask [ROWS]."""
+    WIDTH: tl.constexpr = BITS - BITS % 2  # the low plane: 2 bits (2- and 3-bit codes) or 4
+    WORDS: tl.constexpr = HEAD_DIM * WIDTH // 32
+    words = rows.to(tl.pointer_type(tl.int32))[:, None]
+    # Channel c = k * WORDS + w goes to word w at bit k * WIDTH: a [ROWS, 32 / WIDTH, WORDS] view of the codes.
+    # The fields do not overlap: their sum is their bitwise or.
+    field = tl.reshape(codes & ((1 << WIDTH) - 1), (ROWS, 32 // WIDTH, WORDS))
+    shift = (tl.arange(0, 32 // WIDTH) * WIDTH)[None, :, None]
+    word = tl.sum(field.to(tl.uint32) << shift.to(tl.uint32), 1)
+    tl.store(words + tl.arange(0, WORDS)[None, :], word.to(tl.int32, bitcast=True), mask=mask[:, None])
+    if BITS == 3:
+        HIGH: tl.constexpr = HEAD_DIM // 32
+        field = tl.reshape((codes >> 2) & 1, (ROWS, 32, HIGH))
+        word = tl.sum(field.to(tl.uint32) << tl.arange(0, 32)[None, :, None].to(tl.uint32), 1)
+        tl.store(words + WORDS + tl.arange(0, HIGH)[None, :], word.to(tl.int32, bitcast=True), mask=mask[:, None])
 
 
 @triton.jit
@@ -90,3 +108,102 @@ def nearest_code(x, book_ptr, NUM_CODES: tl.constexpr):
         code += (x > (above + below) * 0.5).to(tl.int32)
         below = above
     return code
+
+
+# ------------------------------------------------------------------------------------------------- RoPE
+@triton.jit
+def rope_cos_sin(position, inv_freq):
+    """cos and sin of the angles position * inv_freq (position: int tensor, inv_freq: fp32, broadcastable),
+    fp32. The product is exact in float64 and reduced modulo 2 pi there, so the angle is as exact at position
+    100,000 as at 1; cos and sin then run in fp32 on [-pi, pi]."""
+    angle = position.to(tl.float64) * inv_freq.to(tl.float64)
+    two_pi = tl.full([], TWO_PI, tl.float64)
+    turns = tl.floor(angle / two_pi + 0.5)
+    reduced = (angle - turns * two_pi).to(tl.float32)
+    return tl.cos(reduced), tl.sin(reduced)
+
+
+@triton.jit
+def rotate_back(x_lo, x_hi, cos, sin):
+    """R^T x for rows x = (x_lo, x_hi) [R, D/2] rotated by the angles of cos, sin [D/2]: what a query must be to
+    score against keys rotated by R as the unrotated query scores against them."""
+    return x_lo * cos[None, :] + x_hi * sin[None, :], x_hi * cos[None, :] - x_lo * sin[None, :]
+
+
+# ----------------------------------------------------------------------------------------------- tiles
+@triton.jit
+def _dot(a, b, DTYPE: tl.constexpr):
+    """a @ b accumulated in fp32: exact fp32 products for fp32 activations, tensor-core inputs of the
+    activations' 16-bit dtype otherwise."""
+    if DTYPE == tl.float32:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a.to(DTYPE), b.to(DTYPE))
+    return r
+
+
+@triton.jit
+def key_tile(
+    seg, t, valid, first_entry, count, scale_lo, offset_lo, scale_hi, offset_hi, book_ptr, key_scale_ptr,
+    key_offset_ptr,
+    KEY_CODES: tl.constexpr, KEY_OUT_VAL: tl.constexpr, KEY_OUT_POS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BITS: tl.constexpr, KEY_CAP: tl.constexpr, OUTLIER_CHUNK: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """Pre-RoPE keys of tokens t [TILE] (int32 offsets within the page, ascending and contiguous) of the kv head
+    whose page segment starts at ``seg``, in halves k_lo, k_hi [TILE, D/2] fp32 (rows where not valid: any
+    finite value), with the head's listed key outliers in place.
+
+    The outlier list is in (t, d) order: the tile's entries start at ``first_entry`` (the first entry at or after
+    t[0]); ``count`` is the list's length. Each entry replaces its dense value: the tile gets the exact-minus-dense
+    differences through a one-hot product (no scatter in registers), so an entry costs TILE + D / 2 compares.
+    Returns k_lo, k_hi and the first entry after the tile.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    PACKED: tl.constexpr = HEAD_DIM * BITS // 8
+    dh = tl.arange(0, HALF)
+    rows = seg + KEY_CODES + t * PACKED
+    k_lo = tl.load(book_ptr + unpack_codes(rows, dh, valid, HEAD_DIM, BITS)) * scale_lo[None, :] + offset_lo[None, :]
+    k_hi = (tl.load(book_ptr + unpack_codes(rows, dh + HALF, valid, HEAD_DIM, BITS)) * scale_hi[None, :]
+            + offset_hi[None, :])
+    entry = first_entry
+    if KEY_CAP > 0:
+        end_t = tl.max(t, 0) + 1
+        more = entry < count
+        while more:
+            e = entry + tl.arange(0, OUTLIER_CHUNK)
+            pos = tl.load((seg + KEY_OUT_POS).to(tl.pointer_type(tl.uint16)) + e, mask=e < count, other=0).to(tl.int32)
+            t_e = pos // HEAD_DIM
+            c_e = pos % HEAD_DIM
+            live = (e < count) & (t_e < end_t)
+            exact = tl.load((seg + KEY_OUT_VAL).to(tl.pointer_type(tl.float16)) + e, mask=live, other=0.0)
+            dense = (tl.load(book_ptr + code_at(seg + KEY_CODES + t_e * PACKED, c_e, live, HEAD_DIM, BITS))
+                     * tl.load(key_scale_ptr + c_e, mask=live, other=0.0)
+                     + tl.load(key_offset_ptr + c_e, mask=live, other=0.0))
+            delta = tl.where(live, exact.to(tl.float32) - dense, 0.0)  # [CHUNK]
+            hit = ((t[:, None] == t_e[None, :]) & live[None, :]).to(tl.float32)  # [TILE, CHUNK]
+            k_lo += _dot(hit, tl.where(c_e[:, None] == dh[None, :], delta[:, None], 0.0), DTYPE)
+            k_hi += _dot(hit, tl.where(c_e[:, None] == dh[None, :] + HALF, delta[:, None], 0.0), DTYPE)
+            taken = tl.sum(live.to(tl.int32), 0)
+            entry += taken
+            more = (taken == OUTLIER_CHUNK) & (entry < count)
+    return k_lo, k_hi, entry
+
+
+@triton.jit
+def value_tile(seg, t, valid, book_ptr, VALUE_CODES: tl.constexpr, VALUE_SCALE: tl.constexpr,
+               VALUE_OFFSET: tl.constexpr, VALUE_OUT_VAL: tl.constexpr, VALUE_OUT_IDX: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BITS: tl.constexpr, VALUE_OUTLIERS: tl.constexpr):
+    """Values of tokens t [TILE] of the kv head at ``seg``: [TILE, D] fp32, 0 in rows that are not valid (masked
+    loads: a page's unwritten slots may hold NaN, and 0 * NaN is not 0)."""
+    PACKED: tl.constexpr = HEAD_DIM * BITS // 8
+    d = tl.arange(0, HEAD_DIM)
+    v = tl.load(book_ptr + unpack_codes(seg + VALUE_CODES + t * PACKED, d, valid, HEAD_DIM, BITS))
+    v_scale = tl.load((seg + VALUE_SCALE).to(tl.pointer_type(tl.float16)) + t, mask=valid, other=0.0)
+    v_offset = tl.load((seg + VALUE_OFFSET).to(tl.pointer_type(tl.float16)) + t, mask=valid, other=0.0)
+    v = v * v_scale.to(tl.float32)[:, None] + v_offset.to(tl.float32)[:, None]
+    for j in tl.static_range(VALUE_OUTLIERS):
+        idx = tl.load(seg + VALUE_OUT_IDX + t * VALUE_OUTLIERS + j, mask=valid, other=0).to(tl.int32)
+        exact = tl.load((seg + VALUE_OUT_VAL).to(tl.pointer_type(tl.float16)) + t * VALUE_OUTLIERS + j, mask=valid,
+                        other=0.0)
+        v = tl.where(d[None, :] == idx[:, None], exact.to(tl.float32)[:, None], v)
+    return v

@@ -6,8 +6,8 @@
   normalised space [-1, 1], learned offline by Fisher-weighted k-means.
 - Dense-and-sparse: outliers kept exactly (fp16) in a sparse list and left out of the dense range;
   keys by calibrated per-channel thresholds, values by an online per-vector top-k. As in the paged
-  cache, a block of ``block_size`` tokens lists at most its capacity of key outliers, first come first
-  kept (see :func:`first_come_ranks`), so the codec gives what the vLLM engine stores.
+  cache, each kv head of a block of ``block_size`` tokens lists at most its capacity of key outliers,
+  first come first kept (see :func:`first_come_ranks`), so the codec gives what the vLLM engine stores.
 - Q-Norm: the dequantization codebook rescaled to keep the calibration mean/std (used at 2 bits).
 - Attention sink: the first tokens of a sequence kept in 16 bits.
 """
@@ -113,11 +113,11 @@ def outliers_per_vector(outlier_fraction: float, head_dim: int) -> int:
     return 0 if outlier_fraction <= 0 else max(1, round(outlier_fraction * head_dim))
 
 
-def key_outlier_capacity(outlier_fraction: float, block_size: int, num_kv_heads: int, head_dim: int) -> int:
-    """Entries of a page's key outlier list: the nominal fraction of the page's key elements."""
+def key_outlier_capacity(outlier_fraction: float, block_size: int, head_dim: int) -> int:
+    """Entries of one kv head's key outlier list in a page: the nominal fraction of its block_size x D keys."""
     if outlier_fraction <= 0:
         return 0
-    return math.ceil(outlier_fraction * block_size * num_kv_heads * head_dim)
+    return math.ceil(outlier_fraction * block_size * head_dim)
 
 
 def run_starts(ids: torch.Tensor) -> torch.Tensor:
@@ -237,10 +237,16 @@ class KVQuantCodec(KVCodec):
         return KVQuantPacked(kind, layer, tuple(x.shape), codes, scale, offset, flat, x.reshape(-1)[flat].half(), sink)
 
     def _fits_page_lists(self, flat: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-        """Which key outliers (flat indices [M] into [T, H, D], ascending) a paged cache keeps: bool [M]."""
+        """Which key outliers (flat indices [M] into [T, H, D], ascending) a paged cache keeps: bool [M].
+        Each kv head of each page has a list of its own (quant.paged)."""
         bs = self.options.block_size
-        cap = key_outlier_capacity(self.options.spec.outlier_fraction, bs, num_kv_heads, head_dim)
-        return first_come_ranks(flat // (bs * num_kv_heads * head_dim)) < cap
+        cap = key_outlier_capacity(self.options.spec.outlier_fraction, bs, head_dim)
+        token, head = flat // (num_kv_heads * head_dim), flat // head_dim % num_kv_heads
+        lists = (token // bs) * num_kv_heads + head
+        order = lists.argsort(stable=True)  # a list's entries stay in (token, channel) order
+        keep = torch.empty_like(flat, dtype=torch.bool)
+        keep[order] = first_come_ranks(lists[order]) < cap
+        return keep
 
     def decode(self, p: KVQuantPacked) -> torch.Tensor:
         t, h, d = p.shape

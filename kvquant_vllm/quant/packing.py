@@ -4,6 +4,9 @@ Codes of ``bits`` bits (1-8) are packed little-endian within groups of 8 codes:
 8 codes of b bits fill exactly b bytes, so any width packs densely and the
 packed length of n codes is ``ceil(n * bits / 8)``. Three-level codes (trits) pack
 five to a byte (3**5 = 243 <= 256), 1.6 bits each.
+
+kvquant pages pack their codes in bit planes instead (:func:`pack_code_planes`), a layout that kernels
+unpack with one shift and mask per code from aligned 32-bit words.
 """
 
 from __future__ import annotations
@@ -63,6 +66,61 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.int64, device=packed.device) * bits
     codes = ((word >> shifts) & ((1 << bits) - 1)).reshape(*lead, groups * 8)
     return codes[..., :n].to(torch.uint8)
+
+
+# Bit planes of a code, low bits first: (width, bit offset within the code).
+CODE_PLANES = {2: ((2, 0),), 3: ((2, 0), (1, 2)), 4: ((4, 0),)}
+
+
+def _plane_words(n: int, width: int) -> int:
+    if n % 32:
+        raise ValueError(f"bit planes need a multiple of 32 codes per vector, got {n}")
+    return n * width // 32
+
+
+def pack_code_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack the last dimension of ``codes`` [..., n] (n a multiple of 32, values < 2**bits, bits 2-4) in bit
+    planes: [..., n * bits / 8] uint8.
+
+    Plane by plane (:data:`CODE_PLANES`: 3-bit codes are a 2-bit plane then a 1-bit plane), a plane of width
+    p is W = n * p / 32 little-endian 32-bit words, and word w holds bits [o, o + p) of the codes
+    c = k * W + w (k = 0 .. 32 / p - 1) at bits k * p. So a kernel gets code c from word c % W with one shift
+    by (c // W) * p and a mask, the channels c and c + n / 2 (a RoPE pair) share a word, and W consecutive
+    channels come from W consecutive words.
+    """
+    if bits not in CODE_PLANES:
+        raise ValueError(f"bit planes take 2, 3 or 4-bit codes, not {bits}")
+    n = codes.shape[-1]
+    c = codes.to(torch.int64)
+    planes = []
+    for width, offset in CODE_PLANES[bits]:
+        words = _plane_words(n, width)
+        field = ((c >> offset) & ((1 << width) - 1)).reshape(*c.shape[:-1], 32 // width, words)
+        shifts = torch.arange(32 // width, dtype=torch.int64, device=c.device)[:, None] * width
+        word = (field << shifts).sum(-2)  # [..., words], fields do not overlap
+        byte_shifts = torch.arange(4, dtype=torch.int64, device=c.device) * 8
+        planes.append(((word[..., None] >> byte_shifts) & 0xFF).reshape(*c.shape[:-1], 4 * words))
+    return torch.cat(planes, -1).to(torch.uint8)
+
+
+def unpack_code_planes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_code_planes`: [..., n * bits / 8] uint8 -> [..., n] int64 codes."""
+    if bits not in CODE_PLANES:
+        raise ValueError(f"bit planes take 2, 3 or 4-bit codes, not {bits}")
+    if packed.shape[-1] != n * bits // 8:
+        raise ValueError(f"packed length {packed.shape[-1]} does not hold {n} codes of {bits} bits")
+    lead = packed.shape[:-1]
+    codes = torch.zeros(*lead, n, dtype=torch.int64, device=packed.device)
+    start = 0
+    for width, offset in CODE_PLANES[bits]:
+        words = _plane_words(n, width)
+        raw = packed[..., start : start + 4 * words].to(torch.int64).reshape(*lead, words, 4)
+        word = (raw << (torch.arange(4, dtype=torch.int64, device=packed.device) * 8)).sum(-1)  # [..., words]
+        shifts = torch.arange(32 // width, dtype=torch.int64, device=packed.device)[:, None] * width
+        field = (word[..., None, :] >> shifts) & ((1 << width) - 1)  # [..., 32 / width, words]
+        codes |= field.reshape(*lead, n) << offset
+        start += 4 * words
+    return codes
 
 
 TRITS_PER_BYTE = 5

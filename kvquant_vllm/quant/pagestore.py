@@ -19,7 +19,7 @@ from kvquant_vllm.quant.kvquant import (
     normalize_per_channel,
     normalize_per_vector,
 )
-from kvquant_vllm.quant.packing import pack_codes, unpack_codes
+from kvquant_vllm.quant.packing import pack_code_planes, unpack_code_planes
 from kvquant_vllm.quant.paged import PageLayout
 
 
@@ -64,35 +64,36 @@ class PagedKVQuant:
         lay = self.layout
         page, offset = slots // lay.block_size, slots % lay.block_size
 
+        def put(name: str, x: torch.Tensor) -> None:  # x: [T, H, ...] -> section [page, :, offset]
+            lay.view(cache, name)[page, :, offset] = x.to(lay.sections()[name][2])
+
         kn, kmask = normalize_per_channel(key, self.key_scale, self.key_offset, lay.outlier_fraction > 0)
-        lay.view(cache, "key_codes")[page, offset] = pack_codes(nearest_code(kn.clamp(-1, 1), self.key_books[0]),
-                                                                  lay.bits)
+        put("key_codes", pack_code_planes(nearest_code(kn.clamp(-1, 1), self.key_books[0]), lay.bits))
         vn, vmask, vscale, voffset = normalize_per_vector(value, lay.value_outliers_per_vector)
-        lay.view(cache, "value_codes")[page, offset] = pack_codes(
-            nearest_code(vn.clamp(-1, 1), self.value_books[0]), lay.bits)
-        lay.view(cache, "value_scale")[page, offset] = vscale.squeeze(-1)
-        lay.view(cache, "value_offset")[page, offset] = voffset.squeeze(-1)
+        put("value_codes", pack_code_planes(nearest_code(vn.clamp(-1, 1), self.value_books[0]), lay.bits))
+        put("value_scale", vscale.squeeze(-1))
+        put("value_offset", voffset.squeeze(-1))
         if lay.value_outliers_per_vector:
             t, h, _ = value.shape
             idx = vmask.nonzero()[:, -1].view(t, h, lay.value_outliers_per_vector)
-            lay.view(cache, "value_out_idx")[page, offset] = idx.to(torch.uint8)
-            lay.view(cache, "value_out_val")[page, offset] = value.gather(-1, idx).half()
+            put("value_out_idx", idx)
+            put("value_out_val", value.gather(-1, idx))
         self._store_key_outliers(cache, page, offset, key, kmask, positions)
         if self.sink:
             first = positions == 0
-            sink = lay.view(cache, "sink")
-            sink[page[first], 0] = key[first].half()
-            sink[page[first], 1] = value[first].half()
+            sink = lay.view(cache, "sink")  # [N, H, 2, D]
+            sink[page[first], :, 0] = key[first].half()
+            sink[page[first], :, 1] = value[first].half()
 
     def _store_key_outliers(
         self, cache: torch.Tensor, page: torch.Tensor, offset: torch.Tensor, key: torch.Tensor, kmask: torch.Tensor,
         positions: torch.Tensor,
     ) -> None:
-        """Append the new tokens' key outliers to their pages' lists, first come first kept.
+        """Append the new tokens' key outliers to their pages' per-head lists, first come first kept.
 
-        page, offset, positions: [T] int64; key: [T, H, D] float32 pre-RoPE; kmask: [T, H, D] bool. A page's
-        entries are in (offset, head, channel) order, so those a previous occupant left at offsets >= the
-        first new one form the list's tail, which is dropped.
+        page, offset, positions: [T] int64; key: [T, H, D] float32 pre-RoPE; kmask: [T, H, D] bool. A list's
+        entries are in (offset, channel) order, so those a previous occupant left at offsets >= the first
+        new one form the list's tail, which is dropped.
         """
         lay = self.layout
         cap = lay.key_outlier_capacity
@@ -105,21 +106,21 @@ class PagedKVQuant:
         first_new = torch.full((len(pages),), lay.block_size, dtype=torch.long, device=page.device)
         first_new = first_new.scatter_reduce(0, local, offset, "amin")
         pos_view, val_view, count_view = (lay.view(cache, n) for n in ("key_out_pos", "key_out_val", "key_out_count"))
-        old_offset = lay.key_positions(pos_view[pages]) // (h * d)  # [P, cap]
-        listed = torch.arange(cap, device=page.device) < count_view[pages].long()
-        kept = (listed & (old_offset >= 0) & (old_offset < first_new[:, None])).sum(1)  # [P]
+        old_offset = lay.key_positions(pos_view[pages]) // d  # [P, H, cap]
+        listed = torch.arange(cap, device=page.device) < count_view[pages].long()  # [P, H, cap]
+        kept = (listed & (old_offset < first_new[:, None, None])).sum(-1).flatten()  # [P * H], list p * H + h
 
-        tok, head, chan = kmask.nonzero(as_tuple=True)  # tokens of a page arrive in position order
-        new_page = local[tok]
-        order = new_page.argsort(stable=True)
-        tok, head, chan, new_page = tok[order], head[order], chan[order], new_page[order]
-        index = kept[new_page] + first_come_ranks(new_page)
+        tok, head, chan = kmask.nonzero(as_tuple=True)  # (token, head, channel) order
+        lists = local[tok] * h + head
+        order = lists.argsort(stable=True)  # tokens of a page arrive in position order
+        tok, head, chan, lists = tok[order], head[order], chan[order], lists[order]
+        index = kept[lists] + first_come_ranks(lists)
         fits = index < cap
-        tok, head, chan, new_page, index = tok[fits], head[fits], chan[fits], new_page[fits], index[fits]
-        pos_view[pages[new_page], index] = (offset[tok] * (h * d) + head * d + chan).to(torch.int32).to(lay.position_dtype)
-        val_view[pages[new_page], index] = key[tok, head, chan].half()
-        added = torch.bincount(new_page, minlength=len(pages))
-        count_view[pages, 0] = (kept + added).to(torch.int32)
+        tok, head, chan, lists, index = tok[fits], head[fits], chan[fits], lists[fits], index[fits]
+        pos_view[pages[lists // h], head, index] = (offset[tok] * d + chan).to(torch.int32).to(torch.int16)
+        val_view[pages[lists // h], head, index] = key[tok, head, chan].half()
+        added = torch.bincount(lists, minlength=len(pages) * h)
+        count_view[pages, :, 0] = (kept + added).view(len(pages), h).to(torch.int32)
 
     # ------------------------------------------------------------------- load
     def load(self, cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,11 +130,11 @@ class PagedKVQuant:
         The sink is not applied here (see :meth:`sinks`): only a sequence's first page holds one.
         """
         lay = self.layout
-        n, bs, h, d = len(blocks), lay.block_size, lay.num_kv_heads, lay.head_dim
+        bs, d = lay.block_size, lay.head_dim
         pages = cache.view(cache.shape[0], -1)[blocks]  # [N, page bytes], gathered once
-        key = self.key_books[1][unpack_codes(lay.view(pages, "key_codes"), lay.bits, d).long()]
-        key = key * self.key_scale + self.key_offset
-        value = self.value_books[1][unpack_codes(lay.view(pages, "value_codes"), lay.bits, d).long()]
+        key = self.key_books[1][unpack_code_planes(lay.view(pages, "key_codes"), lay.bits, d)]  # [N, H, bs, D]
+        key = key * self.key_scale[:, None] + self.key_offset[:, None]
+        value = self.value_books[1][unpack_code_planes(lay.view(pages, "value_codes"), lay.bits, d)]
         value = value * lay.view(pages, "value_scale").float()[..., None] + lay.view(pages, "value_offset").float()[..., None]
         if lay.value_outliers_per_vector:
             # Clamped: slots that were never written may hold anything, and must not index out of range.
@@ -141,14 +142,14 @@ class PagedKVQuant:
             value.scatter_(-1, idx, lay.view(pages, "value_out_val").float())
         cap = lay.key_outlier_capacity
         if cap:
-            pos = lay.key_positions(lay.view(pages, "key_out_pos"))
+            pos = lay.key_positions(lay.view(pages, "key_out_pos"))  # [N, H, cap]
             valid = torch.arange(cap, device=pages.device) < lay.view(pages, "key_out_count").long()
-            flat = torch.cat([key.reshape(n, -1), key.new_zeros(n, 1)], dim=1)  # column -1 absorbs unused entries
-            pos = torch.where(valid & (pos >= 0) & (pos < bs * h * d), pos, bs * h * d)
-            flat.scatter_(1, pos, lay.view(pages, "key_out_val").float())
-            key = flat[:, :-1].reshape(n, bs, h, d)
-        return key, value
+            flat = torch.cat([key.flatten(2), key.new_zeros(*key.shape[:2], 1)], dim=2)  # column -1 absorbs unused entries
+            # Pages that no sequence wrote in full (a block table's unused tail) may hold any count and position.
+            flat.scatter_(2, torch.where(valid & (pos < bs * d), pos, bs * d), lay.view(pages, "key_out_val").float())
+            key = flat[..., :-1].view(key.shape)
+        return key.transpose(1, 2), value.transpose(1, 2)
 
     def sinks(self, cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """[N, 2, H, D] float32: the 16-bit K (pre-RoPE) and V of position 0 held by pages ``blocks``."""
-        return self.layout.view(cache, "sink")[blocks].float()
+        return self.layout.view(cache, "sink")[blocks].float().transpose(1, 2)

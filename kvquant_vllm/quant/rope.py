@@ -1,35 +1,69 @@
-"""Rotary position embedding (NeoX / Llama "rotate half" layout) and its exact inverse."""
+"""Rotary position embedding (NeoX / Llama "rotate half" layout) and its exact inverse.
+
+A RoPE is given by its inverse frequencies ``inv_freq`` [D / 2] and an attention scaling factor (YaRN
+multiplies cos and sin by it; 1 otherwise): channel c and c + D / 2 of the vector at position t rotate by
+the angle t * inv_freq[c]. Angles are evaluated in float64, so the rotation at position 100,000 is as exact
+as at position 1; kernels that compute cos and sin in registers are tested against :meth:`Rope.cos_sin`.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
+def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """[head_dim / 2] float32: 1 / theta ** (2i / head_dim), computed in float32 as vLLM and transformers do."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+@dataclass(frozen=True, eq=False)
+class Rope:
+    """A rotate-half RoPE: ``inv_freq`` [D / 2] float32 and the factor that scales cos and sin."""
+
+    inv_freq: torch.Tensor
+    scaling: float = 1.0
+
+    @classmethod
+    def default(cls, head_dim: int, theta: float) -> Rope:
+        return cls(default_inv_freq(head_dim, theta))
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * self.inv_freq.shape[0]
+
+    def to(self, device: torch.device | str) -> Rope:
+        return Rope(self.inv_freq.to(device), self.scaling)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [len(positions), D] float32 (both halves), scaled, for integer ``positions`` [n]."""
+        angles = positions.to(torch.float64)[:, None] * self.inv_freq.to(positions.device, torch.float64)[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        return (angles.cos() * self.scaling).float(), (angles.sin() * self.scaling).float()
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [n, H, D] at ``positions`` [n] -> the rotated x (what the model's attention sees)."""
+        return apply_rope(x, *self.cos_sin(positions))
+
+    def unrotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Exact inverse of :meth:`rotate` (the scaling divided out)."""
+        return invert_rope(x, *self.cos_sin(positions)) * self.inverse_gain
+
+    @property
+    def inverse_gain(self) -> float:
+        """1 / scaling**2: the rotation by scaled cos and sin, taken back, leaves this factor to apply."""
+        return 1.0 / self.scaling**2
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [num_tokens, head_dim] float32 for integer ``positions`` [num_tokens] (default RoPE)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return Rope.default(head_dim, theta).cos_sin(positions)
 
 
 def sequence_cos_sin(num_tokens: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [num_tokens, head_dim] float32 of a sequence at positions 0 .. num_tokens - 1."""
     return rope_cos_sin(torch.arange(num_tokens), head_dim, theta)
-
-
-def rope_cos_sin_cache(max_position: int, head_dim: int, theta: float) -> torch.Tensor:
-    """vLLM's RoPE cache for positions 0 .. max_position - 1: [max_position, head_dim] float32, the cos of
-    the head_dim / 2 frequencies then their sin."""
-    cos, sin = rope_cos_sin(torch.arange(max_position), head_dim, theta)
-    return torch.cat([cos[:, : head_dim // 2], sin[:, : head_dim // 2]], dim=-1)
-
-
-def cos_sin_from_cache(cos_sin_cache: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [num_tokens, head_dim] float32 in the rotate-half layout, read from a RoPE cache
-    [max_position, head_dim] (cos of the head_dim / 2 frequencies, then their sin; vLLM's layout)."""
-    cos, sin = cos_sin_cache.to(positions.device)[positions].float().chunk(2, dim=-1)
-    return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,5 +77,5 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def invert_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of :func:`apply_rope` (a rotation by the negative angle)."""
+    """Inverse of :func:`apply_rope` for unscaled cos/sin (a rotation by the negative angle)."""
     return x * cos[:, None] - _rotate_half(x) * sin[:, None]

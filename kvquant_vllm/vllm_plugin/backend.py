@@ -8,7 +8,7 @@ So what vLLM returns (tokens, logprobs, prompt logprobs) is the quantized model'
 The PyTorch path does all of it on any device. With ``KVQUANT_KERNELS`` selecting the GPU kernels
 (see :mod:`kvquant_vllm.kernels`), the store is the Triton kernel, the batch's decode requests (vLLM
 puts them first) attend with the Triton or CUDA paged decode kernel, and its prefill chunks with the
-PyTorch path (dequantize the pages, then SDPA).
+Triton paged prefill kernel, all straight from the packed pages.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from vllm.config import VllmConfig, get_current_vllm_config
-from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -37,8 +36,9 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 from kvquant_vllm.kernels import kernel_backend
 from kvquant_vllm.quant.paged import DTYPE_BITS, KVQUANT_OUTLIER_FRACTION, PageLayout
 from kvquant_vllm.quant.pagestore import PagedKVQuant
-from kvquant_vllm.quant.rope import apply_rope, cos_sin_from_cache, invert_rope
+from kvquant_vllm.quant.rope import apply_rope, invert_rope
 from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, load_calibration
+from kvquant_vllm.vllm_plugin.rope import model_rope
 
 
 class KVQuantAttentionBackend(AttentionBackend):
@@ -115,6 +115,9 @@ class KVQuantMetadata:
     max_query_len: int  # an upper bound
     max_seq_len: int  # an upper bound
     num_decodes: int  # the first requests, one query token each
+    rope_cos: torch.Tensor  # [num_actual_tokens, D] float32: the model's RoPE at the tokens' positions
+    rope_sin: torch.Tensor
+    prefill_work: torch.Tensor | None  # [blocks, 2] int32: the Triton prefill kernel's schedule of the others
 
     def split(self) -> tuple[KVQuantMetadata | None, KVQuantMetadata | None]:
         """(the decode requests, the others): each as metadata of its own, None where there are none."""
@@ -124,12 +127,14 @@ class KVQuantMetadata:
             decodes = replace(self, num_actual_tokens=d, query_start_loc=self.query_start_loc[: d + 1],
                               query_lens=self.query_lens[:d], seq_lens=self.seq_lens[:d],
                               block_table=self.block_table[:d], slot_mapping=self.slot_mapping[:d],
-                              positions=self.positions[:d], max_query_len=1)
+                              positions=self.positions[:d], max_query_len=1, rope_cos=self.rope_cos[:d],
+                              rope_sin=self.rope_sin[:d], prefill_work=None)
         if d < r:
             others = replace(self, num_actual_tokens=self.num_actual_tokens - d,
                              query_start_loc=self.query_start_loc[d:] - d, query_lens=self.query_lens[d:],
                              seq_lens=self.seq_lens[d:], block_table=self.block_table[d:],
-                             slot_mapping=self.slot_mapping[d:], positions=self.positions[d:], num_decodes=0)
+                             slot_mapping=self.slot_mapping[d:], positions=self.positions[d:], num_decodes=0,
+                             rope_cos=self.rope_cos[d:], rope_sin=self.rope_sin[d:])
         return decodes, others
 
 
@@ -140,6 +145,13 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         self._init_reorder_batch_threshold(1)  # decodes first: they go to the paged decode kernel
+        self.rope = model_rope(vllm_config.model_config, kv_cache_spec.head_size).to(device)
+        self.kernels = kernel_backend(device.type)
+        if self.kernels != "torch":
+            from kvquant_vllm.kernels.triton_attention import prefill_block
+
+            num_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+            self.prefill_block = prefill_block(num_q_heads, kv_cache_spec.num_kv_heads)
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -157,6 +169,13 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         slots[len(req):] = -1
         max_blocks = math.ceil(cm.max_seq_len / self.block_size)
         num_decodes, _, _, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        rope_cos, rope_sin = self.rope.cos_sin(positions)  # once per step, for every layer's store
+        prefill_work = None
+        if self.kernels != "torch" and num_decodes < r:
+            from kvquant_vllm.kernels.triton_attention import prefill_work as schedule
+
+            others = cm.query_start_loc_cpu[num_decodes : r + 1]
+            prefill_work = schedule(others - others[0], self.prefill_block).to(qsl.device)
         return KVQuantMetadata(
             num_actual_tokens=n,
             query_start_loc=qsl,
@@ -168,6 +187,9 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
             max_query_len=cm.max_query_len,
             max_seq_len=cm.max_seq_len,
             num_decodes=num_decodes,
+            rope_cos=rope_cos,
+            rope_sin=rope_sin,
+            prefill_work=prefill_work,
         )
 
 
@@ -203,21 +225,14 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         config = get_current_vllm_config()
         model = config.model_config
         self.calibration = load_calibration(kv_cache_dtype, model.model, model.hf_config, config.additional_config)
-        hf = model.hf_config
-        # The model's own RoPE (same parameters as its attention layers): cos|sin per position.
-        self.rope = get_rope(head_size, max_position=model.max_model_len,
-                             rope_parameters=getattr(hf, "rope_parameters", None), is_neox_style=True,
-                             dtype=torch.float32)
+        # The model's own RoPE, as inverse frequencies (an unsupported kind fails here, before allocation).
+        self.rope = model_rope(model, head_size)
         self.block_size = config.cache_config.block_size
         # 'torch', 'triton' or 'cuda': decided (and a bad KVQUANT_KERNELS refused) before the engine allocates.
         self.kernels = kernel_backend(config.device_config.device_type)
         # Built on first forward, when the layer index and the device are known.
         self.store: PagedKVQuant | None = None
-        self.cos_sin_cache: torch.Tensor | None = None  # [max_position, head_size] float32 on the device
-
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [len(positions), head_size] float32 in the rotate-half layout."""
-        return cos_sin_from_cache(self.cos_sin_cache, positions)
+        self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # the PyTorch path's cos, sin per position
 
     def forward(
         self,
@@ -237,23 +252,26 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         if self.store is None:
             index = extract_layer_index(layer.layer_name)
             self.store = PagedKVQuant(self.kv_cache_dtype, self.calibration, index, self.block_size).to(query.device)
-            self.cos_sin_cache = self.rope.cos_sin_cache.to(query.device, torch.float32)
+            self.rope = self.rope.to(query.device)
         m = attn_metadata
         n = m.num_actual_tokens
         if self.kernels == "torch":
-            key_pre_rope = invert_rope(key[:n].float(), *self._cos_sin(m.positions))
+            key_pre_rope = invert_rope(key[:n].float(), m.rope_cos, m.rope_sin) * self.rope.inverse_gain
             self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
             output[:n] = self._attend(kv_cache, query[:n], m).to(output.dtype)
             return output
+        from kvquant_vllm.kernels.triton_attention import paged_prefill_attention
         from kvquant_vllm.kernels.triton_store import store_tokens
 
-        store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, self.cos_sin_cache)
+        store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, m.rope_cos, m.rope_sin,
+                     self.rope.inverse_gain)
         decodes, others = m.split()
         if decodes is not None:
-            output[: decodes.num_actual_tokens] = self._decode(kv_cache, query[: decodes.num_actual_tokens],
-                                                               decodes).to(output.dtype)
+            output[: decodes.num_actual_tokens] = self._decode(kv_cache, query[: decodes.num_actual_tokens], decodes)
         if others is not None:
-            output[m.num_decodes : n] = self._attend(kv_cache, query[m.num_decodes : n], others).to(output.dtype)
+            output[m.num_decodes : n] = paged_prefill_attention(
+                query[m.num_decodes : n], kv_cache, others.block_table, others.query_start_loc, others.seq_lens,
+                self.store, self.rope, self.scale, work=others.prefill_work)
         return output
 
     def _decode(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
@@ -262,11 +280,16 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             from kvquant_vllm.kernels import cuda
 
             return cuda.paged_decode_attention(query, cache, m.block_table.int(), m.seq_lens.int(), self.store,
-                                               self.cos_sin_cache, self.scale, max_seq_len=m.max_seq_len)
-        from kvquant_vllm.kernels.triton_decode import paged_decode_attention
+                                               self.rope, self.scale, max_seq_len=m.max_seq_len)
+        from kvquant_vllm.kernels.triton_attention import paged_decode_attention
 
-        return paged_decode_attention(query, cache, m.block_table, m.seq_lens, self.store, self.cos_sin_cache,
-                                      self.scale)
+        return paged_decode_attention(query, cache, m.block_table, m.seq_lens, self.store, self.rope, self.scale)
+
+    def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, D] float32 at positions 0 .. length - 1, computed once for the longest length seen."""
+        if self.rope_table is None or self.rope_table[0].shape[0] < length:
+            self.rope_table = self.rope.cos_sin(torch.arange(length, device=self.rope.inv_freq.device))
+        return self.rope_table[0][:length], self.rope_table[1][:length]
 
     def _attend(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
         """Attention of every query token over its request's dequantized cache: [T, Hq, D] float32 (rows of
@@ -279,9 +302,7 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             sink = self.store.sinks(cache, blocks[:, 0])  # [r, 2, H, D]
             keys[:, 0], values[:, 0] = sink[:, 0], sink[:, 1]
         length = keys.shape[1]
-        # Pages round the length up past max_model_len; those padded keys are masked, any angle will do.
-        positions = torch.arange(length, device=query.device).clamp_(max=self.cos_sin_cache.shape[0] - 1)
-        cos, sin = self._cos_sin(positions)
+        cos, sin = self._rope_table(length)
         keys = apply_rope(keys.reshape(r * length, self.num_kv_heads, self.head_size),
                           cos.repeat(r, 1), sin.repeat(r, 1)).view(r, length, self.num_kv_heads, self.head_size)
 

@@ -1,0 +1,54 @@
+"""The served model's RoPE as inverse frequencies, recovered from vLLM's rotary embedding and checked against it."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+
+import torch
+from vllm.model_executor.layers.rotary_embedding import get_rope
+
+from kvquant_vllm.quant.geometry import UnsupportedModelError
+from kvquant_vllm.quant.rope import Rope
+
+CHECKED_POSITIONS = 64
+
+
+def rope_of(rotary) -> Rope:
+    """:class:`Rope` of a vLLM rotary embedding (plain, llama3, YaRN, ... : every kind whose cos/sin table is
+    cos and sin of position x inverse frequency, times one factor). UnsupportedModelError for any other kind,
+    or a partial rotation."""
+    kind = type(rotary).__name__
+    if getattr(rotary, "rotary_dim", rotary.head_size) != rotary.head_size:
+        raise UnsupportedModelError(f"{kind} rotates {rotary.rotary_dim} of {rotary.head_size} channels; kvquant "
+                                    "caches need RoPE over the whole head")
+    # vLLM's classes compute their frequencies from the base, or (YaRN and its kin) from the scaling factor.
+    argument = next(iter(inspect.signature(rotary._compute_inv_freq).parameters))
+    inv_freq = rotary._compute_inv_freq(getattr(rotary, argument)).float().cpu()
+    table = rotary.cos_sin_cache.float().cpu()  # [max_position, D]: cos half | sin half
+    rope = Rope(inv_freq, float(table[0, 0]))  # cos(0) x the attention factor
+    positions = torch.linspace(0, len(table) - 1, CHECKED_POSITIONS).long()
+    cos, sin = rope.cos_sin(positions)
+    half = rotary.head_size // 2
+    error = torch.maximum((cos[:, :half] - table[positions, :half]).abs(),
+                          (sin[:, :half] - table[positions, half:]).abs()).amax(1)
+    # vLLM's table rounds each angle to fp32 (an error of ~6e-8 x the angle); a wrong frequency is far off.
+    allowed = 1e-5 + 1e-6 * positions.double() * float(inv_freq.max()) * rope.scaling
+    if (error > allowed).any():
+        raise UnsupportedModelError(f"{kind}: its cos/sin table is not cos and sin of position x inverse "
+                                    "frequency, which the kvquant kernels compute; use another --kv-cache-dtype")
+    return rope
+
+
+@functools.cache
+def _model_rope(head_size: int, max_position: int, rope_parameters: str) -> Rope:
+    rotary = get_rope(head_size, max_position=max_position, rope_parameters=json.loads(rope_parameters) or None,
+                      is_neox_style=True, dtype=torch.float32)
+    return rope_of(rotary)
+
+
+def model_rope(model_config, head_size: int) -> Rope:
+    """The RoPE of the model that ``model_config`` (vLLM's ModelConfig) serves, as its attention layers apply it."""
+    parameters = getattr(model_config.hf_config, "rope_parameters", None) or {}
+    return _model_rope(head_size, model_config.max_model_len, json.dumps(parameters, sort_keys=True))
