@@ -10,9 +10,9 @@ import sys
 from kvquant_vllm.models import BUNDLED_MODELS, DEFAULT_MODEL
 
 
-def _add_text_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="text source: pydoc, wikitext2 or c4, optionally with :train/:test")
+def _add_text_args(p: argparse.ArgumentParser, required: bool = True, text_help: str = "") -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--text", help=text_help or "text source: pydoc, wikitext2 or c4, optionally with :train/:test")
     src.add_argument("--text-file", help="a UTF-8 text file")
 
 
@@ -32,6 +32,19 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     )
     print(report.describe())
     print(format_table(report.results))
+    if args.json:
+        atomic_write_text(args.json, report.to_json(" ".join(["kvquant-vllm", *sys.argv[1:]])))
+
+
+def cmd_eval_agreement(args: argparse.Namespace) -> None:
+    from kvquant_vllm.eval.agreement import run_agreement
+    from kvquant_vllm.fsutil import atomic_write_text
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    report = run_agreement(args.model, methods, args.prompts_file, args.calibration or [], args.max_new_tokens,
+                           args.max_prompts)
+    print(report.describe())
+    print(report.table())
     if args.json:
         atomic_write_text(args.json, report.to_json(" ".join(["kvquant-vllm", *sys.argv[1:]])))
 
@@ -105,13 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval_ppl)
 
+    p = eval_sub.add_parser("agreement", help="greedy agreement with the 16-bit cache on chat answers")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory or bundled model name")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. kvquant3,kvquant4")
+    p.add_argument("--prompts-file", help="one user prompt per line (default: the built-in 120 prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length of the 16-bit greedy answers")
+    p.add_argument("--max-prompts", type=int, help="the first N prompts only")
+    p.add_argument("--json", help="write the results as JSON to this path")
+    p.add_argument("--calibration", action="append", help="calibration file (repeatable), as for eval ppl")
+    p.set_defaults(func=cmd_eval_agreement)
+
     p = sub.add_parser("calibrate", help="calibrate KVQuant (or another method) for a model (Ray job)")
     p.add_argument("model", help="local Hugging Face model directory or bundled model name")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--bits", type=int, choices=(2, 3, 4), help="KVQuant bits")
     what.add_argument("--method", help="the calibration that this method needs, e.g. kvquant3, cq2, skvq-k2v1.5")
     p.add_argument("--outliers", type=float, default=0.01, help="fraction of elements kept as sparse outliers")
-    _add_text_args(p)
+    _add_text_args(p, required=False, text_help=(
+        "calibration text: a source (pydoc:train, wikitext2:train, ...), chat:train (conversations in the model's "
+        "chat template), or several joined by + (default: pydoc:train+chat:train for models with a chat "
+        "template, else pydoc:train)"))
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--ray-address", help="Ray cluster to run the per-layer tasks on (default: a local one)")

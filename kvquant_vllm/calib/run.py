@@ -85,10 +85,11 @@ def calibrate_model(
     calibrated method's) and write one file per spec.
 
     ``specs`` maps each spec to its output path (None: ``MODEL_DIR/kvquant_calibration.safetensors``).
-    Activations are collected once and shared by all specs. Returns the paths written.
+    ``text``: a calibration text (:mod:`kvquant_vllm.calib.text`; None with no ``text_file``: the recommended
+    mix). Activations are collected once and shared by all specs. Returns the paths written.
     """
-    from kvquant_vllm.data import load_text
-    from kvquant_vllm.eval.perplexity import load_eval_model, make_windows, tokenize
+    from kvquant_vllm.calib.text import calibration_windows
+    from kvquant_vllm.eval.perplexity import load_eval_model
     from kvquant_vllm.models import resolve_model
 
     for spec in specs:
@@ -99,16 +100,15 @@ def calibrate_model(
         if not 0 <= spec.outlier_fraction < 0.5:
             raise ValueError(f"--outliers must be a fraction in [0, 0.5), got {spec.outlier_fraction}")
     model_dir = resolve_model(model)
-    corpus = load_text(text, text_file)
     hf_model, tokenizer = load_eval_model(model_dir)
     geometry = attention_geometry(hf_model.config)
-    windows = make_windows(tokenize(tokenizer, corpus), seq_len, samples)
+    windows, text = calibration_windows(tokenizer, text, text_file, samples, seq_len)
     if windows.shape[0] < samples:
-        logger.warning("text holds only %d windows of %d tokens; calibrating on those", windows.shape[0], seq_len)
+        logger.warning("%s holds only %d windows of %d tokens; calibrating on those", text, windows.shape[0], seq_len)
     activations = collect_activations(hf_model, windows, skip_tokens=sink_tokens)
     del hf_model
     positions = torch.arange(sink_tokens, seq_len).repeat(windows.shape[0])
-    info = {"text": text or str(text_file), "samples": int(windows.shape[0]), "seq_len": seq_len, "sink_tokens": sink_tokens}
+    info = {"text": text, "samples": int(windows.shape[0]), "seq_len": seq_len, "sink_tokens": sink_tokens}
     calibrated = calibrate_layers(activations, list(specs), geometry, positions, num_workers, ray_address)
     written = []
     for spec, out in specs.items():

@@ -122,6 +122,17 @@ class PplReport:
         return json.dumps(payload, indent=2) + "\n"
 
 
+def check_methods(methods: Sequence[str], calibration_files: Sequence[str | Path]) -> None:
+    """Fail before any model loads on an unknown method, or on calibrated methods without a calibration file."""
+    for m in methods:
+        check_method(m)
+    if any(needs_calibration(m) for m in methods) and not calibration_files:
+        raise MissingCalibrationError(
+            "calibrated methods need --calibration PATH; make one with "
+            "`kvquant-vllm calibrate MODEL (--bits B | --method NAME) --out PATH`"
+        )
+
+
 def run_ppl(
     model: str,
     methods: list[str],
@@ -140,13 +151,7 @@ def run_ppl(
     from kvquant_vllm.data import load_text
     from kvquant_vllm.models import resolve_model
 
-    for m in methods:
-        check_method(m)  # unknown names fail before the model loads
-    if any(needs_calibration(m) for m in methods) and not calibration_files:
-        raise MissingCalibrationError(
-            "calibrated methods need --calibration PATH; make one with "
-            "`kvquant-vllm calibrate MODEL (--bits B | --method NAME) --text SOURCE --out PATH`"
-        )
+    check_methods(methods, calibration_files)
     model_dir = resolve_model(model)
     corpus = load_text(text, text_file)
     hf_model, tokenizer = load_eval_model(model_dir)

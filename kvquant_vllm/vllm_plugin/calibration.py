@@ -35,7 +35,7 @@ def load_calibration(dtype: str, model: str, hf_config, additional_config: dict 
             f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
         )
     spec = kvquant_methods()[dtype].spec
-    command = f"kvquant-vllm calibrate {model} {spec.calibrate_flags()} --text pydoc"
+    command = f"kvquant-vllm calibrate {model} {spec.calibrate_flags()}"
     path = calibration_path(model, additional_config)
     if not path.is_file():
         raise CalibrationError(
