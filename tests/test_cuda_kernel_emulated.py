@@ -70,6 +70,8 @@ def emulator(tmp_path_factory):
                     str(EMULATION / "decode_driver.cpp"), "-o", str(library)], check=True, timeout=900)
     lib = ctypes.CDLL(str(library))
     lib.kvquant_emulated_decode.argtypes = [ctypes.POINTER(EmulatedDecode)]
+    lib.kvquant_emulated_rope.argtypes = [ctypes.c_int64, ctypes.c_float, ctypes.POINTER(ctypes.c_float),
+                                          ctypes.POINTER(ctypes.c_float)]
     return lib
 
 
@@ -106,3 +108,20 @@ def test_emulated_kernel_matches_reference(case, emulator, rng):
     torch.testing.assert_close(out.float(), expected, **TOLERANCE[q_dtype])
     if sms > 1:
         assert partitions > 1, "the case is meant to run the split-K merge"
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_emulated_rope_angles_are_exact_at_any_position(rope, emulator):
+    """The query's rotation by a tile's first position: fp64 angle reduced modulo 2 pi, equal to the float64 rotation
+    up to position 2**30 (on a GPU the fast sincos on [-pi, pi] adds at most 2^-21.4)."""
+    r = ROPES[rope](128)
+    positions = torch.tensor([0, 1, 2, 255, 4095, 32767, 131071, 1 << 20, 1 << 30])
+    cos, sin = torch.empty(len(positions), 64), torch.empty(len(positions), 64)
+    c, s = ctypes.c_float(), ctypes.c_float()
+    for i, position in enumerate(positions.tolist()):
+        for j, inv_freq in enumerate(r.inv_freq.tolist()):
+            emulator.kvquant_emulated_rope(position, inv_freq, ctypes.byref(c), ctypes.byref(s))
+            cos[i, j], sin[i, j] = c.value, s.value
+    exact_cos, exact_sin = r.cos_sin(positions)
+    torch.testing.assert_close(cos * r.scaling, exact_cos[:, :64], rtol=0, atol=3e-7)
+    torch.testing.assert_close(sin * r.scaling, exact_sin[:, :64], rtol=0, atol=3e-7)

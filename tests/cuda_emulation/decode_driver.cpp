@@ -95,3 +95,10 @@ extern "C" int kvquant_emulated_decode(EmulatedDecode* e) {
 #undef X
   return 1;
 }
+
+// cos and sin of position * inv_freq as the kernel computes them (its sincos on [-pi, pi] is the host's here).
+extern "C" void kvquant_emulated_rope(int64_t position, float inv_freq, float* cos, float* sin) {
+  const float2 r = kvquant::rope_cos_sin(position, inv_freq);
+  *cos = r.x;
+  *sin = r.y;
+}
