@@ -525,6 +525,9 @@ struct DecodeWarp {
   __device__ void logits_qk(const uint8_t* stage, const __half* sink, float (&s)[G::SUB_TILES][4]) const {
     const uint32_t* codes = reinterpret_cast<const uint32_t*>(stage + S::KEY_CODES);
     const float* q = query + g * HEAD_DIM;  // query head g (zeros past the block's heads)
+    // This lane's rows of the lookup table, lut_row(m, 2 t + b) = 8 m + lut_row(0, 2 t + b): the m part is a
+    // constant offset of the loads.
+    const float* lut_lane[2] = {lut + lut_row(0, 2 * t) * NC, lut + lut_row(0, 2 * t + 1) * NC};
 #pragma unroll
     for (int st = 0; st < G::SUB_TILES; ++st) {
 #pragma unroll
@@ -554,8 +557,8 @@ struct DecodeWarp {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int m_lo = 2 * chunk + (e >> 1), m_hi = m_lo + G::HALF / 8, u = 2 * t + (e & 1);
-            float lo = lut[lut_row(m_lo, u) * NC + code_at<HEAD_DIM, BITS>(key, m_lo, u)];
-            float hi = lut[lut_row(m_hi, u) * NC + code_at<HEAD_DIM, BITS>(key, m_hi, u)];
+            float lo = lut_lane[e & 1][8 * m_lo * NC + code_at<HEAD_DIM, BITS>(key, m_lo, u)];
+            float hi = lut_lane[e & 1][8 * m_hi * NC + code_at<HEAD_DIM, BITS>(key, m_hi, u)];
             if (SINK && st == 0 && r == 0 && g == 0) {  // position 0: the sink's key
               lo = __half2float(sink[8 * m_lo + u]);
               hi = __half2float(sink[8 * m_hi + u]);
