@@ -1,4 +1,23 @@
+import importlib.util
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+
+def cuda_build_options() -> dict:
+    """ext_modules and cmdclass of the CUDA decode kernel (csrc/): built when torch is a CUDA build and nvcc is
+    found (pip install --no-build-isolation), nothing otherwise; the kernel is then JIT-built at first use."""
+    path = Path(__file__).parent / "kvquant_vllm" / "kernels" / "cuda_build.py"
+    spec = importlib.util.spec_from_file_location("kvquant_cuda_build", path)
+    cuda_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cuda_build)
+    extensions = cuda_build.extensions()
+    if not extensions:
+        return {}
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"ext_modules": extensions, "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="kvquant-vllm",
@@ -27,4 +46,5 @@ setup(
         "console_scripts": ["kvquant-vllm=kvquant_vllm.cli:main"],
         "vllm.general_plugins": ["kvquant=kvquant_vllm.vllm_plugin:register"],
     },
+    **cuda_build_options(),
 )
