@@ -6,7 +6,6 @@ The kernel's numerics are checked on the CPU in test_cuda_kernel_emulated.py; on
 checks it against the reference and times it.
 """
 
-import itertools
 import re
 import shutil
 import subprocess
@@ -28,7 +27,8 @@ MAX_SPILL_BYTES = 32  # ptxas spills a few registers in some instantiations; mor
 
 @needs_nvcc
 def test_one_kernel_per_query_dtype_compiles_for_sm90(tmp_path):
-    """The kernel header for sm_90, one instantiation per MMA flavour (f16, bf16, 3xTF32), as the builds compile it."""
+    """The kernel header for sm_90, one instantiation per MMA flavour (f16, bf16, 3xTF32), as the builds compile it.
+    Every instantiation (27, several minutes of nvcc) compiles in `make check-cuda`."""
     source = tmp_path / "instances.cu"
     source.write_text('#include "kvquant_decode.cuh"\n' + "".join(
         f"template __global__ void kvquant::paged_decode_kernel<{t}, {d}, {b}>(const kvquant::DecodeParams);\n"
@@ -41,17 +41,6 @@ def test_one_kernel_per_query_dtype_compiles_for_sm90(tmp_path):
     for dtype, head_dim, bits in ((torch.float16, 128, 3), (torch.bfloat16, 64, 2), (torch.float32, 256, 4)):
         info = resources[cuda.kernel_symbol(dtype, head_dim, bits)]
         assert info["spill_stores"] <= MAX_SPILL_BYTES, info
-
-
-@pytest.mark.slow  # every instantiation: several minutes of nvcc on two cores (what make check-cuda runs)
-@needs_nvcc
-def test_every_kernel_compiles_for_sm90(tmp_path):
-    result = subprocess.run(cuda.check_command(tmp_path), capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-5000:]
-    resources = cuda.ptxas_resources(result.stderr)
-    for dtype, head_dim, bits in itertools.product(cuda.QUERY_DTYPES, cuda.HEAD_DIMS, (*cuda.BITS, None)):
-        info = resources[cuda.kernel_symbol(dtype, head_dim, bits)]
-        assert info["spill_stores"] <= MAX_SPILL_BYTES, (dtype, head_dim, bits, info)
 
 
 def test_ptxas_report_parsing():
