@@ -21,10 +21,12 @@ import pytest
 import torch
 
 from kvquant_vllm.calib.file import default_calibration_path, read_calibration
+from kvquant_vllm.chat import chat_prompts
 from kvquant_vllm.data import load_text
 from kvquant_vllm.engine import kv_capacity_tokens, shutdown
+from kvquant_vllm.eval.agreement import evaluate_agreement, greedy_answers
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize
-from kvquant_vllm.eval.vllm_ppl import vllm_perplexity
+from kvquant_vllm.eval.vllm_ppl import vllm_agreement, vllm_perplexity
 from engine_checks import attention_check_reports, install_attention_check, remove_attention_check, use_kernels
 
 pytestmark = pytest.mark.slow
@@ -90,6 +92,19 @@ def test_prompt_perplexity_equals_fake_quant_harness(engine, auto_engine, window
     assert unquantized == pytest.approx(harness["fp16"], rel=0.01)
     # The cache really is quantized: the engine's kvquant3 loss is the harness's, not the 16-bit one.
     assert quantized - unquantized > 0.5 * (harness["kvquant3"] - harness["fp16"])
+
+
+def test_engine_agreement_equals_harness(engine, kvquant_model_dir):
+    """Greedy agreement on 16 chat prompts: the engine, scoring the 16-bit answers through its pages, and the
+    harness agree within the quantized model's noise (a token or two of 512 flip)."""
+    model, tokenizer = load_eval_model(kvquant_model_dir)
+    answers = greedy_answers(model, tokenizer, chat_prompts("test")[::7][:16], 32)
+    calibration = read_calibration(default_calibration_path(kvquant_model_dir))
+    _, harness = evaluate_agreement(model, answers, ["kvquant3"], [calibration])
+    agree, count = vllm_agreement(engine, answers)
+    assert count == harness.answer_tokens > 300
+    assert harness.agreement < 0.99  # the cache is really quantized: some answer tokens change
+    assert abs(agree / count - harness.agreement) <= 0.02
 
 
 @contextmanager
