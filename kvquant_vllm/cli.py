@@ -63,6 +63,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             fisher=not args.no_fisher,
             key_position="post-rope" if args.post_rope else "pre-rope",
             key_granularity="token" if args.per_token_keys else "channel",
+            value_outliers=not args.no_value_outliers,
         )
     (path,) = calibrate_model(
         args.model,
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--no-fisher", action="store_true", help="unweighted k-means codebooks")
     ablation.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE")
     ablation.add_argument("--per-token-keys", action="store_true", help="keys per token instead of per channel")
+    ablation.add_argument("--no-value-outliers", action="store_true", help="no exact value outliers per vector")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("patch-vllm", help="let the stock vLLM CLI accept --kv-cache-dtype kvquant{2,3,4}")

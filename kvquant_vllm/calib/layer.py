@@ -65,7 +65,7 @@ def calibrate_kvquant_layer(
         key_scale = torch.ones(geometry.num_kv_heads, geometry.head_dim)
         key_offset = torch.zeros(geometry.num_kv_heads, geometry.head_dim)
         kn, kmask, _, _ = normalize_per_vector(keys, outliers_per_vector(spec.outlier_fraction, geometry.head_dim))
-    vn, vmask, _, _ = normalize_per_vector(act.values, outliers_per_vector(spec.outlier_fraction, geometry.head_dim))
+    vn, vmask, _, _ = normalize_per_vector(act.values, spec.value_outliers_per_vector(geometry.head_dim))
 
     books = {}
     for name, xn, mask, grad in (("key", kn, kmask, key_grad), ("value", vn, vmask, act.value_grad)):

@@ -42,7 +42,12 @@ class CalibrationSpec:
     fisher: bool = True
     key_position: Literal["pre-rope", "post-rope"] = "pre-rope"
     key_granularity: Literal["channel", "token"] = "channel"
+    value_outliers: bool = True  # per-vector top-k value outliers (k from outlier_fraction)
     family: ClassVar[str] = "kvquant"
+
+    def value_outliers_per_vector(self, head_dim: int) -> int:
+        """Value outliers kept exactly per token-head vector."""
+        return outliers_per_vector(self.outlier_fraction, head_dim) if self.value_outliers else 0
 
     def calibrate_flags(self) -> str:
         """The `kvquant-vllm calibrate` flags that produce a calibration of this spec."""
@@ -53,6 +58,8 @@ class CalibrationSpec:
             flags.append("--post-rope")
         if self.key_granularity == "token":
             flags.append("--per-token-keys")
+        if not self.value_outliers:
+            flags.append("--no-value-outliers")
         return " ".join(flags)
 
 
@@ -210,6 +217,12 @@ class KVQuantCodec(KVCodec):
     def _per_channel(self, kind: Kind) -> bool:
         return kind == "key" and self.options.spec.key_granularity == "channel"
 
+    def _vector_outliers(self, kind: Kind, head_dim: int) -> int:
+        """Outliers kept per vector of a per-vector normalised ``kind`` (values, or per-token keys)."""
+        spec = self.options.spec
+        return spec.value_outliers_per_vector(head_dim) if kind == "value" else \
+            outliers_per_vector(spec.outlier_fraction, head_dim)
+
     def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         geo = self.calibration.geometry
         return sequence_cos_sin(num_tokens, geo.head_dim, geo.rope_theta)
@@ -225,8 +238,7 @@ class KVQuantCodec(KVCodec):
             xn, mask = normalize_per_channel(x, cal.key_scale, cal.key_offset, spec.outlier_fraction > 0)
             scale = offset = None
         else:
-            k = outliers_per_vector(spec.outlier_fraction, x.shape[-1])
-            xn, mask, scale, offset = normalize_per_vector(x, k)
+            xn, mask, scale, offset = normalize_per_vector(x, self._vector_outliers(kind, x.shape[-1]))
         encode_book, _ = self.codebooks(kind, layer)
         codes = pack_codes(nearest_code(xn.clamp(-1, 1), encode_book), self.bits)
         mask[: self.options.sink_tokens] = False  # the sink holds those tokens exactly
@@ -265,12 +277,13 @@ class KVQuantCodec(KVCodec):
 
     def bits_per_element(self, head_dim: int, seq_len: int) -> float:
         spec = self.options.spec
-        per_vector = self.bits + 2 * SIDE_BITS / head_dim
-        per_vector += outliers_per_vector(spec.outlier_fraction, head_dim) * OUTLIER_BITS / head_dim
+        def per_vector(kind: Kind) -> float:
+            return self.bits + (2 * SIDE_BITS + self._vector_outliers(kind, head_dim) * OUTLIER_BITS) / head_dim
+
         per_channel = self.bits + spec.outlier_fraction * OUTLIER_BITS  # tables are per layer, not per token
-        key_bits = per_channel if spec.key_granularity == "channel" else per_vector
+        key_bits = per_channel if spec.key_granularity == "channel" else per_vector("key")
         sink = min(self.options.sink_tokens, seq_len) / seq_len * 16  # stored beside its codes
-        return (key_bits + per_vector) / 2 + sink
+        return (key_bits + per_vector("value")) / 2 + sink
 
 
 def kvquant_methods() -> dict[str, KVQuantOptions]:
@@ -284,6 +297,7 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
     methods.update(
         {
             "kvquant3-nooutliers": replace(k3, spec=replace(k3.spec, outlier_fraction=0.0)),
+            "kvquant3-novalueoutliers": replace(k3, spec=replace(k3.spec, value_outliers=False)),
             "kvquant3-uniform": replace(k3, nonuniform=False),
             "kvquant3-nofisher": replace(k3, spec=replace(k3.spec, fisher=False)),
             "kvquant3-postrope": replace(k3, spec=replace(k3.spec, key_position="post-rope")),

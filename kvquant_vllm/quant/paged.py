@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvquant_vllm.quant.kvquant import key_outlier_capacity, outliers_per_vector
+from kvquant_vllm.quant.kvquant import CalibrationSpec, key_outlier_capacity, kvquant_methods, outliers_per_vector
 from kvquant_vllm.quant.packing import CODE_PLANES
 
 LAYOUT_VERSION = 2
@@ -57,6 +57,12 @@ class PageLayout:
     num_kv_heads: int
     head_dim: int
     outlier_fraction: float = KVQUANT_OUTLIER_FRACTION
+    value_outliers: bool = True  # per-vector top-k value outliers, k from outlier_fraction
+
+    @classmethod
+    def for_spec(cls, spec: CalibrationSpec, block_size: int, num_kv_heads: int, head_dim: int) -> PageLayout:
+        """The pages of a kvquant method whose calibration has ``spec``."""
+        return cls(spec.bits, block_size, num_kv_heads, head_dim, spec.outlier_fraction, spec.value_outliers)
 
     def __post_init__(self) -> None:
         if self.bits not in CODE_PLANES:
@@ -71,7 +77,7 @@ class PageLayout:
 
     @property
     def value_outliers_per_vector(self) -> int:
-        return outliers_per_vector(self.outlier_fraction, self.head_dim)
+        return outliers_per_vector(self.outlier_fraction, self.head_dim) if self.value_outliers else 0
 
     @property
     def key_outlier_capacity(self) -> int:
@@ -135,9 +141,14 @@ class PageLayout:
         return stored.long() & 0xFFFF
 
 
-def bits_per_element(dtype: str, head_dim: int, block_size: int, num_kv_heads: int = 1) -> float:
-    """Average bits per K and V element that a ``dtype`` page really occupies, every side table included."""
+def dtype_layout(dtype: str, block_size: int, num_kv_heads: int, head_dim: int) -> PageLayout:
+    """The pages of the kvquant cache dtype ``dtype`` (kvquant2, kvquant3, kvquant4)."""
     if dtype not in DTYPE_BITS:
         raise ValueError(f"unknown kvquant cache dtype {dtype!r}; known: {', '.join(DTYPE_BITS)}")
-    layout = PageLayout(DTYPE_BITS[dtype], block_size, num_kv_heads, head_dim)
+    return PageLayout.for_spec(kvquant_methods()[dtype].spec, block_size, num_kv_heads, head_dim)
+
+
+def bits_per_element(dtype: str, head_dim: int, block_size: int, num_kv_heads: int = 1) -> float:
+    """Average bits per K and V element that a ``dtype`` page really occupies, every side table included."""
+    layout = dtype_layout(dtype, block_size, num_kv_heads, head_dim)
     return layout.page_size_bytes * 8 / (2 * block_size * num_kv_heads * head_dim)

@@ -30,8 +30,7 @@ class PagedKVQuant:
         options = kvquant_methods()[dtype]
         codec = KVQuantCodec(dtype, options, calibration)
         geo = calibration.geometry
-        self.layout = PageLayout(options.spec.bits, block_size, geo.num_kv_heads, geo.head_dim,
-                                 options.spec.outlier_fraction)
+        self.layout = PageLayout.for_spec(options.spec, block_size, geo.num_kv_heads, geo.head_dim)
         self.sink = options.sink_tokens > 0
         cal = calibration.layers[layer]
         self.key_scale, self.key_offset = cal.key_scale, cal.key_offset  # [H, D] float32

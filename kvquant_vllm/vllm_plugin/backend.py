@@ -34,7 +34,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
 
 from kvquant_vllm.kernels import kernel_backend
-from kvquant_vllm.quant.paged import DTYPE_BITS, KVQUANT_OUTLIER_FRACTION, PageLayout
+from kvquant_vllm.quant.paged import DTYPE_BITS, PageLayout, dtype_layout
 from kvquant_vllm.quant.pagestore import PagedKVQuant
 from kvquant_vllm.quant.rope import apply_rope, invert_rope
 from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, load_calibration
@@ -81,7 +81,7 @@ class KVQuantAttentionBackend(AttentionBackend):
 
     @classmethod
     def page_layout(cls, spec: AttentionSpec) -> PageLayout:
-        return PageLayout(cls.bits, spec.block_size, spec.num_kv_heads, spec.head_size, KVQUANT_OUTLIER_FRACTION)
+        return dtype_layout(f"kvquant{cls.bits}", spec.block_size, spec.num_kv_heads, spec.head_size)
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
