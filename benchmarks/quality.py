@@ -16,28 +16,19 @@ import shlex
 import sys
 from pathlib import Path
 
-from kvquant_vllm.calib.run import calibrate_model
+from kvquant_vllm.calib.run import cached_calibrations
 from kvquant_vllm.eval.perplexity import PplResult, format_table, run_ppl
 from kvquant_vllm.fsutil import atomic_path, atomic_write_text
-from kvquant_vllm.models import cache_dir
 from kvquant_vllm.quant.registry import calibration_spec, needs_calibration
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def calibrate_for(methods: list[str], args: argparse.Namespace) -> list[Path]:
-    """Calibration files for every spec that ``methods`` need, made in one collection pass."""
-    specs = {calibration_spec(m) for m in methods if needs_calibration(m)}
-    folder = cache_dir() / "calibrations" / args.model
-    outs = {
-        spec: folder / f"{args.calibrate_on.replace(':', '-')}-{args.calib_samples}x{args.seq_len}-"
-        f"{spec.calibrate_flags().replace('--', '').replace(' ', '')}.safetensors"
-        for spec in sorted(specs, key=str)
-    }
-    return calibrate_model(
-        args.model, outs, text=args.calibrate_on, samples=args.calib_samples, seq_len=args.seq_len,
-        num_workers=args.num_workers,
-    )
+    """Calibration files for every spec that ``methods`` need (made in one collection pass where missing)."""
+    specs = [calibration_spec(m) for m in methods if needs_calibration(m)]
+    return list(cached_calibrations(args.model, specs, args.calibrate_on, args.calib_samples, args.seq_len,
+                                    args.num_workers).values())
 
 
 def main() -> None:

@@ -118,3 +118,22 @@ def calibrate_model(
         logger.info("wrote %s (%s)", path, spec)
         written.append(path)
     return written
+
+
+def cached_calibrations(
+    model: str, specs: list, text: str, samples: int, seq_len: int, num_workers: int = 0,
+) -> dict:
+    """Calibration files of ``model`` for ``specs`` on ``text`` (samples x seq_len tokens), in the cache folder
+    ($KVQUANT_CACHE/calibrations/MODEL/), made in one collection pass for those not there yet: spec -> path."""
+    from kvquant_vllm.models import cache_dir
+
+    folder = cache_dir() / "calibrations" / Path(model).name
+    paths = {
+        spec: folder / f"{text.replace(':', '-')}-{samples}x{seq_len}-"
+        f"{spec.calibrate_flags().replace('--', '').replace(' ', '')}.safetensors"
+        for spec in sorted(set(specs), key=str)
+    }
+    missing = {spec: path for spec, path in paths.items() if not path.is_file()}
+    if missing:
+        calibrate_model(model, missing, text=text, samples=samples, seq_len=seq_len, num_workers=num_workers)
+    return paths
