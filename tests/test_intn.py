@@ -3,7 +3,7 @@ import torch
 
 from kvquant_vllm.quant import get_codec, method_names
 from kvquant_vllm.quant.intn import IntChannelCodec, IntTokenCodec
-from kvquant_vllm.quant.uniform import dequantize_uniform, quantize_uniform
+from kvquant_vllm.quant.uniform import dequantize_uniform, quantize_uniform, uniform_codes, uniform_side
 
 
 def _activations(rng, tokens=37, heads=3, head_dim=64):
@@ -34,15 +34,19 @@ def test_uniform_error_bound(levels, dim, rng):
     assert float((err / packed.scale.double()).max()) > 0.4
 
 
-def test_uniform_clip_saturates_the_ends(rng):
+def test_fp8_side_data_bound(rng):
+    """Scale and zero point in fp8 e4m3 (3 mantissa bits): half a step, plus what rounding the zero point
+    and the scale moves the range's ends (at most 2**-4 of |min| and |max|)."""
     x = _activations(rng)
-    full, clipped = quantize_uniform(x, 4, 2), quantize_uniform(x, 4, 2, clip=0.5)
-    # Half the range: half the step, and the extremes saturate at the clipped ends.
-    assert torch.allclose(clipped.scale.float(), full.scale.float() / 2, rtol=2e-3)
-    y = dequantize_uniform(clipped)
-    mid = (x.amax(2, keepdim=True) + x.amin(2, keepdim=True)) / 2
-    half = (x.amax(2, keepdim=True) - x.amin(2, keepdim=True)) / 4
-    assert torch.allclose(y.amax(2, keepdim=True), mid + half, rtol=0, atol=1e-2 * float(half.max()))
+    lo, hi = x.amin(2, keepdim=True), x.amax(2, keepdim=True)
+    scale, zero = uniform_side(lo, hi, 4, side_bits=8)
+    assert scale.dtype == zero.dtype == torch.float8_e4m3fn
+    y = uniform_codes(x, scale, zero, 4).float() * scale.float() + zero.float()
+    err = (y - x).abs()
+    assert (err <= scale.float() / 2 + 2**-4 * 1.1 * (lo.abs() + hi.abs())).all()
+    fp16_scale, fp16_zero = uniform_side(lo, hi, 4)
+    fp16_err = (uniform_codes(x, fp16_scale, fp16_zero, 4).float() * fp16_scale.float() + fp16_zero.float() - x).abs()
+    assert float(fp16_err.mean()) < float(err.mean())  # fp8 really rounds coarser
 
 
 def test_uniform_constant_slice_is_exact():

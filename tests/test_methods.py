@@ -7,18 +7,24 @@ import torch
 
 from kvquant_vllm.calib.collect import LayerActivations, collect_activations
 from kvquant_vllm.calib.file import read_calibration, write_calibration
-from kvquant_vllm.calib.methods import CLIP_RATIOS, calibrate_cq_layer, weighted_kmeans
+from kvquant_vllm.calib.methods import (
+    calibrate_cq_layer,
+    calibrate_skvq_layer,
+    cluster_labels,
+    search_clip,
+    weighted_kmeans,
+)
 from kvquant_vllm.calib.run import calibrate_layers
 from kvquant_vllm.eval.fakequant import fake_quantized
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
-from kvquant_vllm.quant.cq import CQCodec, CQSpec, nearest_centroid
+from kvquant_vllm.quant.cq import CQCodec, CQOptions, CQSpec, nearest_centroid
 from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
 from kvquant_vllm.quant.intn import IntTokenCodec
 from kvquant_vllm.quant.kivi import KIVICodec
 from kvquant_vllm.quant.kvquant import KVQuantCalibration
-from kvquant_vllm.quant.registry import MissingCalibrationError, get_codec, method_names
+from kvquant_vllm.quant.registry import MissingCalibrationError, calibration_spec, get_codec, method_names
 from kvquant_vllm.quant.rope import apply_rope, sequence_cos_sin
-from kvquant_vllm.quant.skvq import SKVQCodec, SKVQSpec
+from kvquant_vllm.quant.skvq import SKVQCodec, SKVQSpec, SKVQTables, dequantize_groups, quantize_groups
 from kvquant_vllm.quant.wkvquant import WKVQuantCodec, WKVQuantSpec
 
 GEO = AttentionGeometry(num_layers=1, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rope_type="default")
@@ -153,26 +159,80 @@ def test_kivi_round_trip_within_half_a_step(bits, rng):
     assert float((verr / step).max()) > 0.3  # the bound is nearly reached: this really is b-bit
 
 
-def test_skvq_round_trip_and_clip(rng, tiny_calibrations):
+def _skvq_codec(spec, groups, clip=1.0, layers=1):
+    tables = SKVQTables(key_groups=groups.float(), key_clip=torch.tensor([clip]),
+                        value_groups=groups.float(), value_clip=torch.tensor([clip]))
+    return SKVQCodec(spec, KVQuantCalibration(spec, GEO, [tables] * layers))
+
+
+def test_skvq_calibrated_groups_and_clips(tiny_calibrations):
     cal = tiny_calibrations["skvq"]
-    tables = cal.layers[0]
-    order = tables.order("value")
-    assert sorted(order.tolist()) == list(range(GEO.num_kv_heads * GEO.head_dim))  # a permutation
-    assert any(abs(float(t) - c) < 1e-6 for c in CLIP_RATIOS for t in (tables.key_clip,))
-    assert any(abs(float(t) - c) < 1e-6 for c in CLIP_RATIOS for t in (tables.value_clip,))
+    for tables in cal.layers:
+        for kind in ("key", "value"):
+            groups = tables.groups(kind)
+            assert groups.shape == (GEO.num_kv_heads * GEO.head_dim,)
+            assert set(groups.tolist()) == set(range(int(groups.max()) + 1))  # every group used
+            assert 0 < tables.clip(kind) <= 1
+
+
+def test_skvq_round_trip_within_half_a_step_of_each_group(rng):
+    spec = SKVQSpec("skvq", 16, 16, group_size=8, side_bits=16)
+    groups = torch.randint(0, 4, (32,), generator=rng)
+    groups[:4] = torch.arange(4)  # every group used, of unequal sizes
+    codec = _skvq_codec(spec, groups)
     x = _keys_values(rng)
-    spec = SKVQSpec("skvq", 16, 16, group_size=16, window=4, sink_tokens=1)
-    unclipped = KVQuantCalibration(spec, cal.geometry, [type(tables)(
-        key_order=tables.key_order, key_clip=torch.ones(1), value_order=tables.value_order, value_clip=torch.ones(1))])
-    codec = SKVQCodec(spec, unclipped)
-    # Values per token, in groups of 16 reordered channels: within half a 16-level step of the group range.
-    groups = x.reshape(x.shape[0], -1)[:, order].reshape(x.shape[0], -1, 16)
-    step = (groups.amax(-1) - groups.amin(-1)) / 15
-    err = (codec.fake_quant(x, "value", 0) - x).reshape(x.shape[0], -1)[:, order].reshape(groups.shape).abs()
-    assert (err <= step[..., None] / 2 * 1.01 + 1e-3).all()
-    # Three levels (the 1.5-bit values): each group decodes to at most 3 distinct values.
-    ternary = SKVQCodec(cal.spec, cal).fake_quant(x, "value", 0).reshape(x.shape[0], -1)[:, order]
-    assert all(len(torch.unique(g)) <= 3 for g in ternary.reshape(-1, 16))
+    flat = x.reshape(x.shape[0], -1)
+    err = (codec.fake_quant(x, "key", 0) - x).reshape(flat.shape).abs()
+    for g in range(4):
+        members = flat[:, groups == g]
+        step = (members.amax(-1, keepdim=True) - members.amin(-1, keepdim=True)) / 15
+        assert (err[:, groups == g] <= step / 2 * 1.01 + 1e-3).all()
+    # Keys are quantized before RoPE: a token codes the same whatever its position.
+    torch.testing.assert_close(codec.fake_quant(x, "key", 0)[7], codec.fake_quant(x[7:8], "key", 0)[0])
+    # Three levels (the 1.5-bit values): each group of a token decodes to at most 3 distinct values.
+    ternary = _skvq_codec(SKVQSpec("skvq", 4, 3, group_size=8), groups).fake_quant(x, "value", 0).reshape(flat.shape)
+    assert all(len(torch.unique(row[groups == g])) <= 3 for row in ternary for g in range(4))
+
+
+def test_skvq_clip_multiplies_min_and_max():
+    """The reference's clipping: a group's min and max times the ratio, values beyond saturate."""
+    x = torch.tensor([[-2.0, 0.0, 1.0, 4.0]])
+    q, scale, zero = quantize_groups(x, torch.zeros(4, dtype=torch.long), 3, 0.5, 16)
+    assert dequantize_groups(q, torch.zeros(4, dtype=torch.long), scale, zero).tolist() == [[-1.0, 0.5, 0.5, 2.0]]
+    # fp8 side data, as the default spec stores it.
+    _, scale, zero = quantize_groups(x, torch.zeros(4, dtype=torch.long), 4, 1.0, SKVQSpec("s", 4, 3).side_bits)
+    assert scale.dtype == zero.dtype == torch.float8_e4m3fn
+
+
+def test_skvq_two_outlier_channels_get_a_group_of_their_own():
+    """k-means of the channels' (min, max), as the reference calibrates, not equal chunks of a sorted order."""
+    g = torch.Generator().manual_seed(0)
+    n, channels = 3000, GEO.num_kv_heads * GEO.head_dim
+    spread = torch.ones(channels)
+    spread[[5, 21]] = 40.0  # two outlier channels, in different kv heads
+    spread[8:14] = 6.0
+    spread[24:28] = 15.0
+    x = (torch.randn(n, channels, generator=g) * spread).reshape(n, GEO.num_kv_heads, GEO.head_dim)
+    act = LayerActivations(keys=x, key_grad=torch.ones_like(x), values=x, value_grad=torch.ones_like(x))
+    tables = calibrate_skvq_layer(act, SKVQSpec("skvq", 4, 3, group_size=8), GEO, torch.arange(n))
+    for kind in ("key", "value"):
+        groups = tables.groups(kind)
+        assert int(groups.max()) + 1 == 4  # 32 channels / group size 8
+        assert set((groups == groups[5]).nonzero().flatten().tolist()) == {5, 21}
+        assert set((groups == groups[8]).nonzero().flatten().tolist()) == set(range(8, 14))
+
+
+def test_cluster_labels_are_numbered_and_complete():
+    points = torch.tensor([[0.0, 0.0], [10.0, 10.0], [0.1, 0.0], [10.0, 10.1], [5.0, 5.0]])
+    labels = cluster_labels(points, 3)
+    assert labels.tolist() == [0, 2, 0, 2, 1]  # numbered by centroid
+    assert cluster_labels(points[:2], 3).tolist() == [0, 1]  # fewer points than clusters: no empty group
+
+
+def test_clip_search_goes_past_any_grid_edge():
+    assert search_clip(lambda r: (r - 0.37) ** 2) == pytest.approx(0.37)
+    assert search_clip(lambda r: -r) == 1.0
+    assert search_clip(lambda r: r) == pytest.approx(0.01)  # down to the smallest ratio
 
 
 def test_wkvquant_round_trip_in_smoothed_space(rng, tiny_calibrations):
@@ -193,18 +253,20 @@ def test_wkvquant_round_trip_in_smoothed_space(rng, tiny_calibrations):
     assert (kerr <= kstep / 2 * 1.01 + 1e-3).all()
 
 
-def test_cq_codes_the_nearest_centroid(rng, tiny_calibrations):
+def test_cq_codes_the_nearest_centroid_and_keeps_the_sink(rng, tiny_calibrations):
     cal = tiny_calibrations["cq"]
-    codec = CQCodec(cal.spec, cal)
+    codec = CQCodec("cq2", CQOptions(cal.spec), cal)
     x = _keys_values(rng)
     y = codec.fake_quant(x, "key", 0)
+    # Token 0, the attention sink that calibration never sees, decodes exactly (fp16).
+    assert torch.equal(y[0], x[0].half().float())
     centroids = cal.layers[0].key_centroids.reshape(-1, 64, 4)  # [H * D / 4, K, 4]
-    groups, decoded = x.reshape(x.shape[0], -1, 4), y.reshape(x.shape[0], -1, 4)
+    groups, decoded = x[1:].reshape(x.shape[0] - 1, -1, 4), y[1:].reshape(x.shape[0] - 1, -1, 4)
     best = torch.cdist(groups.transpose(0, 1), centroids).amin(-1).transpose(0, 1)  # brute force
     torch.testing.assert_close((decoded - groups).norm(dim=-1), best, rtol=1e-4, atol=1e-5)
     # Centroids themselves decode exactly.
-    exact = centroids[:, :5].transpose(0, 1).reshape(5, GEO.num_kv_heads, GEO.head_dim)
-    torch.testing.assert_close(codec.fake_quant(exact, "key", 0), exact)
+    exact = torch.cat([x[:1], centroids[:, :5].transpose(0, 1).reshape(5, GEO.num_kv_heads, GEO.head_dim)])
+    torch.testing.assert_close(codec.fake_quant(exact, "key", 0)[1:], exact[1:])
     assert torch.equal(nearest_centroid(groups, centroids), nearest_centroid(groups, centroids, chunk=7))
 
 
@@ -220,10 +282,37 @@ def test_cq_joint_codebook_beats_independent_channels():
     positions = torch.arange(n)
     errors = {}
     for spec in (CQSpec("joint", channels=2, code_bits=2), CQSpec("independent", channels=1, code_bits=1)):
-        codec = CQCodec(spec, KVQuantCalibration(spec, geo, [calibrate_cq_layer(act, spec, geo, positions)]))
+        cal = KVQuantCalibration(spec, geo, [calibrate_cq_layer(act, spec, geo, positions)])
+        codec = CQCodec(spec.method, CQOptions(spec, sink_tokens=0), cal)
         assert codec.bits_per_element(2, n) == 1.0
         errors[spec.method] = float((codec.fake_quant(x, "key", 0) - x).square().mean())
     assert errors["joint"] < 0.5 * errors["independent"], errors
+
+
+def test_cq_first_position_is_exact_in_the_model_and_w32_keeps_a_window(tiny_model, ids, tiny_calibrations):
+    cal = tiny_calibrations["cq"]
+    exact = _logits(tiny_model, ids, Unquantized())
+    quant = _logits(tiny_model, ids, CQCodec("cq2", CQOptions(cal.spec), cal))
+    # Position 0 attends to the sink only, which is kept in fp16: off by fp16 rounding alone.
+    assert (quant[:, 0] - exact[:, 0]).abs().amax() < 2e-4 < (quant[:, 1:] - exact[:, 1:]).abs().amax() / 10
+    windowed = CQCodec("cq2-w8", CQOptions(cal.spec, window=8), cal)
+    assert (_logits(tiny_model, ids, windowed)[:, :8] - exact[:, :8]).abs().amax() < 2e-4
+    key_exact, value_exact = windowed.full_precision_masks(12)
+    assert key_exact[11].tolist() == [True] + [False] * 3 + [True] * 8 and torch.equal(key_exact, value_exact)
+
+
+def test_cq_calibration_uses_every_token():
+    """One centroid is the Fisher-weighted mean of all 20000 tokens (no subsample)."""
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    x = torch.randn(n, 1, 2, generator=g) + torch.linspace(0, 3, n)[:, None, None]
+    grad = torch.rand(n, 1, 2, generator=g)
+    act = LayerActivations(keys=x, key_grad=grad, values=x, value_grad=grad)
+    spec = CQSpec("one", channels=2, code_bits=0)
+    geo = AttentionGeometry(1, 1, 2, 10000.0, "default")
+    centroid = calibrate_cq_layer(act, spec, geo, torch.arange(n)).key_centroids.reshape(2)
+    w = grad.square().sum(-1).double()  # a group's Fisher weight
+    torch.testing.assert_close(centroid.double(), (w * x[:, 0].double()).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_weighted_kmeans_follows_the_weights():
@@ -247,8 +336,12 @@ def test_calibration_files_round_trip_every_family(tmp_path, tiny_calibrations, 
 
 def test_registry_lists_every_method_and_names_the_calibrate_command(tiny_model):
     names = method_names()
-    for m in ("cq1", "cq2", "skvq-k2v1.5", "skvq-k4v4", "wkvquant-k4v4", "kivi2", "kivi4"):
+    for m in ("cq1", "cq2", "cq1-w32", "cq2-w32", "skvq-k2v1.5", "skvq-k4v4", "wkvquant-k4v4", "kivi2", "kivi4"):
         assert m in names
+    # The window is a run-time choice: cq2-w32 runs on cq2's calibration.
+    assert calibration_spec("cq2-w32") == calibration_spec("cq2")
+    cq2 = KVQuantCalibration(calibration_spec("cq2"), GEO, [])
+    assert get_codec("cq2-w32", [cq2]).name == "cq2-w32" and get_codec("cq2", [cq2]).name == "cq2"
     with pytest.raises(MissingCalibrationError, match="--method cq2"):
         get_codec("cq2", [])
     with pytest.raises(ValueError, match="geometry"):
@@ -256,14 +349,25 @@ def test_registry_lists_every_method_and_names_the_calibrate_command(tiny_model)
     assert get_codec("kivi4", geometry=attention_geometry(tiny_model.config)).name == "kivi4"
 
 
-def test_bits_per_element_count_side_data_and_windows(tiny_calibrations):
+def test_bits_per_element_count_side_data_and_windows():
     geo = AttentionGeometry(30, 3, 64, 100000.0, "default")
     assert KIVICodec(2, geo).bits_per_element(64, 2048) == pytest.approx((1 - 128 / 2048) * 3 + 128 / 2048 * 16)
+    # SKVQ: 192 channels in 6 groups of any sizes; codes packed over the vector (2-bit keys: 48 bytes;
+    # trits: ceil(192 / 5) = 39 bytes) plus an fp8 scale and zero point per group; 128 + 5 tokens in fp16.
     skvq = SKVQSpec("skvq-k2v1.5", key_levels=4, value_levels=3)
-    cal = KVQuantCalibration(skvq, geo, [])
-    exact = (128 + 4) / 2048
-    assert SKVQCodec(skvq, cal).bits_per_element(64, 2048) == pytest.approx((1 - exact) * (1.8 + 0.5) + exact * 16)
+    groups = torch.cat([torch.full((2,), 0), torch.full((40,), 1), torch.arange(2, 6).repeat_interleave(38)[:150]])
+    tables = SKVQTables(groups.float(), torch.ones(1), groups.float(), torch.ones(1))
+    codec = SKVQCodec(skvq, KVQuantCalibration(skvq, geo, [tables] * 30))
+    quantized = ((48 * 8 + 6 * 16) + (39 * 8 + 6 * 16)) / 2 / 192
+    assert codec.quantized_bits() == pytest.approx(quantized)
+    exact = (128 + 5) / 2048
+    assert codec.bits_per_element(64, 2048) == pytest.approx((1 - exact) * quantized + exact * 16)
     wk = WKVQuantSpec("wkvquant-k4v4")
     assert WKVQuantCodec(wk, KVQuantCalibration(wk, geo, [])).bits_per_element(64, 2048) == 4.5
+    # CQ: the sink token in fp16, and for -w32 the 32 most recent tokens too.
     cq = CQSpec("cq1", channels=8)
-    assert CQCodec(cq, KVQuantCalibration(cq, geo, [])).bits_per_element(64, 2048) == 1.0
+    cal = KVQuantCalibration(cq, geo, [])
+    assert CQCodec("cq1", CQOptions(cq), cal).bits_per_element(64, 2048) == pytest.approx(
+        (1 - 1 / 2048) * 1 + 1 / 2048 * 16)
+    assert CQCodec("cq1-w32", CQOptions(cq, window=32), cal).bits_per_element(64, 2048) == pytest.approx(
+        (1 - 33 / 2048) * 1 + 33 / 2048 * 16)

@@ -6,16 +6,16 @@ Errors are weighted by Fisher information (squared gradients), the sensitivity K
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from kvquant_vllm.calib.collect import LayerActivations
 from kvquant_vllm.quant.cq import CQSpec, CQTables
 from kvquant_vllm.quant.geometry import AttentionGeometry
-from kvquant_vllm.quant.skvq import SKVQSpec, SKVQTables, reordered_groups, restore_order
-from kvquant_vllm.quant.uniform import dequantize_uniform, quantize_uniform
+from kvquant_vllm.quant.skvq import SKVQSpec, SKVQTables, dequantize_groups, quantize_groups
 from kvquant_vllm.quant.wkvquant import WKVQuantSpec, WKVQuantTables, smoothed_fake_quant
 
-CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 SMOOTH_EXPONENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MAX_SEARCH_TOKENS = 8192  # tokens used to score clip ratios / smoothing exponents
 
@@ -51,17 +51,16 @@ def weighted_kmeans(x: torch.Tensor, weights: torch.Tensor, k: int, iters: int =
 
 
 def calibrate_cq_layer(
-    act: LayerActivations, spec: CQSpec, geometry: AttentionGeometry, positions: torch.Tensor, seed: int = 0,
-    max_samples: int = 16384,
+    act: LayerActivations, spec: CQSpec, geometry: AttentionGeometry, positions: torch.Tensor, seed: int = 0
 ) -> CQTables:
-    """Per (kv head, channel group) Fisher-weighted k-means centroids of the pre-RoPE keys and values."""
+    """Per (kv head, channel group) Fisher-weighted k-means centroids of the pre-RoPE keys and values,
+    from every calibration token."""
     torch.set_num_threads(1)
     c, k = spec.channels, 1 << spec.code_bits
-    keep = _subsample(act.keys.shape[0], max_samples, seed)
     books = {}
     for name, x, grad in (("key", act.keys, act.key_grad), ("value", act.values, act.value_grad)):
-        groups = x[keep].reshape(len(keep), -1, c)  # [N, H * D / c, c]
-        fisher = grad[keep].square().reshape(len(keep), -1, c).sum(-1)  # a group's sensitivity
+        groups = x.reshape(x.shape[0], -1, c)  # [N, H * D / c, c]
+        fisher = grad.square().reshape(x.shape[0], -1, c).sum(-1)  # a group's sensitivity
         cents = [weighted_kmeans(groups[:, b], fisher[:, b], k, seed=seed + b) for b in range(groups.shape[1])]
         books[name] = torch.stack(cents).reshape(geometry.num_kv_heads, geometry.head_dim // c, k, c)
     return CQTables(key_centroids=books["key"], value_centroids=books["value"])
@@ -71,27 +70,63 @@ def _weighted_error(x: torch.Tensor, y: torch.Tensor, fisher: torch.Tensor) -> f
     return float((fisher * (x - y).square()).sum())
 
 
+def cluster_labels(points: torch.Tensor, k: int, restarts: int = 10, seed: int = 0) -> torch.Tensor:
+    """k-means of points [N, f] into at most k clusters: labels [N] int64, 0 .. G-1 with every label used,
+    numbered by the centroid's coordinates (lexicographic). The best of ``restarts`` seeded runs by
+    inertia, as scikit-learn's ``KMeans(n_init=10)`` that SKVQ's reference calibration uses."""
+    points = points.float()
+    ones = torch.ones(points.shape[0])
+    best, best_inertia = None, float("inf")
+    for r in range(restarts):
+        centroids = weighted_kmeans(points, ones, min(k, points.shape[0]), iters=100, seed=seed * restarts + r)
+        distance = torch.cdist(points, centroids)
+        inertia = float(distance.amin(-1).double().square().sum())
+        if inertia < best_inertia:
+            best, best_inertia = (centroids, distance.argmin(-1)), inertia
+    centroids, labels = best
+    used = labels.unique()  # an emptied cluster is no group
+    rank = sorted(range(len(used)), key=lambda i: centroids[used[i]].tolist())
+    renumber = torch.empty(int(used.max()) + 1, dtype=torch.long)
+    renumber[used[rank]] = torch.arange(len(used))
+    return renumber[labels]
+
+
+CLIP_STEP = 0.01
+CLIP_PATIENCE = 10  # steps past the best ratio that the search goes on for
+
+
+def search_clip(error: Callable[[float], float]) -> float:
+    """The clip ratio in (0, 1] with the smallest ``error``: from 1 down in steps of ``CLIP_STEP`` until
+    ``CLIP_PATIENCE`` steps pass without a better one, so the search never stops at the edge of a grid."""
+    best_step, best_error = 0, error(1.0)
+    step = 0
+    while step - best_step < CLIP_PATIENCE and (step + 1) * CLIP_STEP < 1:
+        step += 1
+        e = error(1 - step * CLIP_STEP)
+        if e < best_error:
+            best_step, best_error = step, e
+    return round(1 - best_step * CLIP_STEP, 6)
+
+
 def calibrate_skvq_layer(
     act: LayerActivations, spec: SKVQSpec, geometry: AttentionGeometry, positions: torch.Tensor, seed: int = 0
 ) -> SKVQTables:
-    """Channel order by calibrated range (so a group holds channels of alike range), then the clip
-    ratio with the smallest Fisher-weighted error of clipped group quantization."""
+    """Per kind: channel groups by k-means of each channel's calibrated (min, max) (pre-RoPE keys), then
+    the multiplicative clip ratio with the smallest Fisher-weighted error of the group quantization."""
     torch.set_num_threads(1)
-    keys, key_grad = act.post_rope_keys(geometry, positions)
-    keep = _subsample(keys.shape[0], MAX_SEARCH_TOKENS, seed)
+    keep = _subsample(act.keys.shape[0], MAX_SEARCH_TOKENS, seed)
     fields = {}
-    for kind, x, grad in (("key", keys, key_grad), ("value", act.values, act.value_grad)):
+    for kind, x, grad in (("key", act.keys, act.key_grad), ("value", act.values, act.value_grad)):
         flat = x.reshape(x.shape[0], -1)
-        order = torch.argsort(flat.amax(0) - flat.amin(0))
-        sample, fisher = x[keep], grad[keep].square()
-        groups = reordered_groups(sample, order, spec.group_size)
+        groups = cluster_labels(torch.stack([flat.amin(0), flat.amax(0)], -1), spec.num_clusters(geometry), seed=seed)
+        sample, fisher = flat[keep], grad[keep].reshape(len(keep), -1).square()
 
         def error(clip: float) -> float:
-            q = dequantize_uniform(quantize_uniform(groups, spec.levels(kind), dim=2, clip=clip))
-            return _weighted_error(sample, restore_order(q, order, sample.shape), fisher)
+            q, scale, zero = quantize_groups(sample, groups, spec.levels(kind), clip, spec.side_bits)
+            return _weighted_error(sample, dequantize_groups(q, groups, scale, zero), fisher)
 
-        fields[f"{kind}_order"] = order.float()
-        fields[f"{kind}_clip"] = torch.tensor([min(CLIP_RATIOS, key=error)])
+        fields[f"{kind}_groups"] = groups.float()
+        fields[f"{kind}_clip"] = torch.tensor([search_clip(error)])
     return SKVQTables(**fields)
 
 

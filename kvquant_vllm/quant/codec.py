@@ -45,6 +45,22 @@ class KVCodec(ABC):
         return None
 
 
+def recent_and_sink_masks(seq_len: int, window: int, sink_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks (see :meth:`KVCodec.full_precision_masks`) of a cache that keeps the first ``sink_tokens``
+    tokens and a sliding window of the ``window`` most recent ones (the query's own token included) exact."""
+    i = torch.arange(seq_len)[:, None]
+    j = torch.arange(seq_len)[None, :]
+    exact = (j > i - window) | (j < sink_tokens)
+    return exact, exact.clone()
+
+
+def bits_with_exact_tokens(quantized_bits: float, exact_tokens: int, seq_len: int) -> float:
+    """Bits per element of a ``seq_len``-token cache that holds ``exact_tokens`` of them in 16 bits
+    instead of ``quantized_bits``."""
+    exact = min(exact_tokens, seq_len) / seq_len
+    return (1 - exact) * quantized_bits + exact * 16
+
+
 class Unquantized(KVCodec):
     """The 16-bit cache every quantized method is compared against."""
 

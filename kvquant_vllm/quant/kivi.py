@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvquant_vllm.quant.codec import Kind, KVCodec
+from kvquant_vllm.quant.codec import Kind, KVCodec, bits_with_exact_tokens
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 from kvquant_vllm.quant.uniform import SIDE_BITS, UniformPacked, dequantize_uniform, quantize_uniform
@@ -73,6 +73,4 @@ class KIVICodec(KVCodec):
         return key_exact, value_exact
 
     def bits_per_element(self, head_dim: int, seq_len: int) -> float:
-        quantized = self.bits + 2 * SIDE_BITS / self.group
-        exact = min(self.residual, seq_len) / seq_len
-        return (1 - exact) * quantized + exact * 16
+        return bits_with_exact_tokens(self.bits + 2 * SIDE_BITS / self.group, self.residual, seq_len)

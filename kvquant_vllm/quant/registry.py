@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
-from kvquant_vllm.quant.cq import CQCodec, CQSpec, CQTables
+from kvquant_vllm.quant.cq import CQCodec, CQOptions, CQSpec, CQTables
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.intn import INT_BITS, IntChannelCodec, IntTokenCodec
 from kvquant_vllm.quant.kivi import KIVICodec
@@ -60,7 +60,9 @@ def _calibrated_methods() -> dict[str, CalibratedMethod]:
         for name, options in kvquant_methods().items()
     }
     for spec in (CQSpec("cq1", channels=8), CQSpec("cq2", channels=4)):
-        methods[spec.method] = CalibratedMethod(spec, lambda cal, spec=spec: CQCodec(spec, cal))
+        # The -w32 method shares its calibration: the fp16 window is a run-time choice.
+        for name, options in ((spec.method, CQOptions(spec)), (f"{spec.method}-w32", CQOptions(spec, window=32))):
+            methods[name] = CalibratedMethod(spec, lambda cal, name=name, options=options: CQCodec(name, options, cal))
     for spec in (SKVQSpec("skvq-k2v1.5", key_levels=4, value_levels=3), SKVQSpec("skvq-k4v4", 16, 16)):
         methods[spec.method] = CalibratedMethod(spec, lambda cal, spec=spec: SKVQCodec(spec, cal))
     spec = WKVQuantSpec("wkvquant-k4v4", bits=4)
