@@ -26,12 +26,10 @@ struct Problem {
   Sections sections;
   int key_capacity, value_outliers;  // entries of a head's key outlier list, value outliers per vector
   bool sink;                         // position 0 from the sink of the sequence's first page
-  const float* key_scale;            // [num_kv_heads, D]
-  const float* key_offset;           // [num_kv_heads, D]
-  const float* key_book;             // [2**bits] decode codebook
-  const float* value_book;           // [2**bits]
+  const float* key_lut;              // [num_kv_heads, D, 16]: key_book[j % 2**bits] x key_scale + key_offset
+  const float* value_book;           // [2**bits] decode codebook
   const float* inv_freq;             // [D / 2] RoPE inverse frequencies
-  const float* tile_rope;            // [TILE, D]: cos then sin of offset i x inv_freq, i < TILE (rope_table)
+  const float* offset_rope;          // [2, D / 2, TILE]: cos, sin of i x inv_freq[c], i < TILE (rope_table)
   float logit_scale;                 // softmax scale x RoPE scaling x log2(e): logits in base 2
   const float* query;                // float32, rows of D contiguous
   int64_t q_stride_token, q_stride_head;
@@ -54,7 +52,7 @@ struct Item {
 };
 
 using AttendFn = void (*)(const Problem&, const Item&, float* scratch);
-using RopeTableFn = void (*)(const float* inv_freq, int half, float* table);  // table [TILE, 2 * half]
+using RopeTableFn = void (*)(const float* inv_freq, int half, float* table);  // table [2, half, TILE]
 using ScratchFn = int64_t (*)(int64_t rows, int head_dim);  // floats of scratch for items of `rows` query rows
 
 struct Kernels {

@@ -138,8 +138,16 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
   const Kernels kernels = select_kernels(isa);
   const int64_t gqa = num_q_heads / num_kv_heads;
-  std::vector<float> tile_rope(static_cast<size_t>(TILE * d));
-  kernels.rope_table(inv_freq.data_ptr<float>(), static_cast<int>(d / 2), tile_rope.data());
+  std::vector<float> offset_rope(static_cast<size_t>(TILE * d));
+  kernels.rope_table(inv_freq.data_ptr<float>(), static_cast<int>(d / 2), offset_rope.data());
+  // Each channel's key table, 16 entries (a smaller book repeated): one permute dequantizes a code.
+  std::vector<float> key_lut(static_cast<size_t>(num_kv_heads * d * 16));
+  const float* scale = key_scale.data_ptr<float>();
+  const float* offset = key_offset.data_ptr<float>();
+  const float* book = key_book.data_ptr<float>();
+  for (int64_t c = 0; c < num_kv_heads * d; ++c) {
+    for (int64_t j = 0; j < 16; ++j) key_lut[c * 16 + j] = book[j % (int64_t{1} << bits)] * scale[c] + offset[c];
+  }
 
   Problem pb{};
   pb.bits = static_cast<int>(bits);
@@ -155,12 +163,10 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   pb.key_capacity = static_cast<int>(key_capacity);
   pb.value_outliers = static_cast<int>(value_outliers);
   pb.sink = sink;
-  pb.key_scale = key_scale.data_ptr<float>();
-  pb.key_offset = key_offset.data_ptr<float>();
-  pb.key_book = key_book.data_ptr<float>();
+  pb.key_lut = key_lut.data();
   pb.value_book = value_book.data_ptr<float>();
   pb.inv_freq = inv_freq.data_ptr<float>();
-  pb.tile_rope = tile_rope.data();
+  pb.offset_rope = offset_rope.data();
   pb.logit_scale = static_cast<float>(logit_scale);
   pb.query = query.data_ptr<float>();
   pb.q_stride_token = query.stride(0);

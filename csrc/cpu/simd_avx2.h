@@ -5,6 +5,7 @@
 struct Avx2 {
   static constexpr const char* name = "avx2";
   static constexpr int L = 8;
+  static constexpr int REGS = 16;
   using F = __m256;
   using I = __m256i;
 
@@ -55,18 +56,12 @@ struct Avx2 {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
   }
 
-  static constexpr int lane_order[L] = {0, 2, 1, 3, 4, 6, 5, 7};
-  static F hsum_lanes(const F* v) {
-    F w[4], x[2];
-    for (int i = 0; i < 4; ++i)
-      w[i] = _mm256_add_ps(_mm256_permute2f128_ps(v[i], v[i + 4], 0x20), _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
-    for (int i = 0; i < 2; ++i)
-      x[i] = _mm256_add_ps(_mm256_shuffle_ps(w[i], w[i + 2], 0x44), _mm256_shuffle_ps(w[i], w[i + 2], 0xEE));
-    return _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD));
-  }
 
   // ------------------------------------------------------------------------------------- code words
   static I load_words(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I gather(const uint8_t* base, I index) {
+    return _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), index, 4);
+  }
   template <int W>
   static I pattern(const uint8_t* p) {
     if constexpr (W == 1) return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(p));
@@ -105,6 +100,14 @@ struct Avx2 {
     } else {
       const F high = _mm256_permutevar8x32_ps(b.high, code);
       return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+    }
+  }
+  template <int BITS>
+  static F lookup_table(const float* table, I code) {
+    if constexpr (BITS < 4) {
+      return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), code);
+    } else {
+      return lookup<BITS>(Book{_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8)}, code);
     }
   }
 

@@ -5,6 +5,7 @@
 struct Avx512 {
   static constexpr const char* name = "avx512";
   static constexpr int L = 16;
+  static constexpr int REGS = 32;  // vector registers
   using F = __m512;
   using I = __m512i;
 
@@ -46,22 +47,11 @@ struct Avx512 {
     return _mm512_scalef_ps(p, n);
   }
 
-  // The sums of the L vectors v[0..L) as one vector, lane j the sum of v[lane_order[j]]: four levels of
-  // halving, each adding two shuffles of a pair (no horizontal add per vector).
-  static constexpr int lane_order[L] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-  static F hsum_lanes(const F* v) {
-    F w[8], x[4], y[2];
-    for (int i = 0; i < 8; ++i)
-      w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
-    for (int i = 0; i < 4; ++i)
-      x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[i], w[i + 4], 0x88), _mm512_shuffle_f32x4(w[i], w[i + 4], 0xDD));
-    for (int i = 0; i < 2; ++i)
-      y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[i], x[i + 2], 0x44), _mm512_shuffle_ps(x[i], x[i + 2], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
-  }
 
   // ------------------------------------------------------------------------------------- code words
   static I load_words(const uint8_t* p) { return _mm512_loadu_si512(p); }
+  // The 32-bit words at base + 4 * index[l].
+  static I gather(const uint8_t* base, I index) { return _mm512_i32gather_epi32(index, base, 4); }
   // W consecutive 32-bit words repeated over the lanes (lane l holds word l % W); W divides L.
   template <int W>
   static I pattern(const uint8_t* p) {
@@ -95,6 +85,9 @@ struct Avx512 {
   }
   template <int BITS>
   static F lookup(const Book& b, I code) { return _mm512_permutexvar_ps(code, b.entries); }
+  // Entry code of a 16-float table (a book of fewer entries repeated, as book()).
+  template <int BITS>
+  static F lookup_table(const float* table, I code) { return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table)); }
 
   // ------------------------------------------------------------------------------------------- RoPE
   // cos and sin of position x inv_freq[c] for c < n (n a multiple of 16). The angle is exact in double and

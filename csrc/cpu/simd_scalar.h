@@ -6,6 +6,7 @@
 struct Scalar {
   static constexpr const char* name = "scalar";
   static constexpr int L = 8;
+  static constexpr int REGS = 16;
   struct F {
     float v[L];
   };
@@ -69,14 +70,18 @@ struct Scalar {
   static F load_half(const uint16_t* p) { return map([&](int l) { return half_to_float(p[l]); }); }
   static F exp2(F x) { return map([&](int l) { return std::exp2(x.v[l]); }); }
 
-  static constexpr int lane_order[L] = {0, 1, 2, 3, 4, 5, 6, 7};
-  static F hsum_lanes(const F* v) { return map([&](int l) { return hadd(v[l]); }); }
-
   // ------------------------------------------------------------------------------------- code words
   static I load_words(const uint8_t* p) {
     I r;
     std::memcpy(r.v, p, sizeof r.v);
     return r;
+  }
+  static I gather(const uint8_t* base, I index) {
+    return map_i([&](int l) {
+      uint32_t word;
+      std::memcpy(&word, base + 4 * static_cast<size_t>(index.v[l]), 4);
+      return word;
+    });
   }
   template <int W>
   static I pattern(const uint8_t* p) {
@@ -105,7 +110,9 @@ struct Scalar {
     return r;
   }
   template <int BITS>
-  static F lookup(const Book& b, I code) { return map([&](int l) { return b.entries[code.v[l] & 15u]; }); }
+  static F lookup(const Book& b, I code) { return lookup_table<BITS>(b.entries, code); }
+  template <int BITS>
+  static F lookup_table(const float* table, I code) { return map([&](int l) { return table[code.v[l] & 15u]; }); }
 
   // ------------------------------------------------------------------------------------------- RoPE
   static void sincos(const float* inv_freq, int64_t position, int n, float* cos_out, float* sin_out) {
