@@ -1,5 +1,6 @@
-"""The C++ CPU attention kernels (csrc/cpu) against the PyTorch references, for every instruction set this CPU
-runs (AVX-512, AVX2, portable), on the random pages of tests/test_triton_kernels.py."""
+"""The C++ CPU kernels (csrc/cpu) against the PyTorch references: attention for every instruction set this CPU runs
+(AVX-512, AVX2, portable) and the store byte for byte, on the random pages and tokens of
+tests/test_triton_kernels.py."""
 
 import re
 import shutil
@@ -12,7 +13,15 @@ import torch
 from kvquant_vllm.kernels import ENV_VAR, cpu, cpu_build, kernel_backend
 from kvquant_vllm.kernels.reference import paged_attention_reference, paged_decode_reference
 from kvquant_vllm.quant.paged import PageLayout
-from test_triton_kernels import ATTENTION_CASES, ROPES, _attention_setup
+from test_triton_kernels import (
+    ATTENTION_CASES,
+    ROPES,
+    STORE_CASES,
+    _attention_setup,
+    _keys_values,
+    _random_pages,
+    _store,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the CPU kernels cannot be built here")
@@ -145,6 +154,59 @@ def test_bad_inputs_are_clear_errors(rng):
     bad_table[0, 1] = cache.shape[0]
     with pytest.raises(RuntimeError, match="is outside the"):
         cpu.paged_decode_attention(query, cache, bad_table, seq_lens, store, rope, 0.125)
+
+
+def _store_both(store, torch_cache, cpu_cache, key, value, slots, positions, rope):
+    """The torch store (keys un-rotated by quant.rope) and the C++ store of the same post-RoPE tokens."""
+    key_post = rope.rotate(key, positions).to(value.dtype)
+    store.store(torch_cache, rope.unrotate(key_post.float(), positions), value, slots, positions)
+    cpu.store_tokens(cpu_cache, key_post, value, slots, positions, store, *rope.cos_sin(positions), rope.inverse_gain)
+
+
+@pytest.mark.parametrize("case", STORE_CASES)
+def test_store_writes_the_same_bytes(case, rng):
+    """Sequences written in chunks (prefill chunks, then decode tokens), full key outlier lists included."""
+    dtype, block_size, heads, head_dim, chunks, outlier_rate, in_dtype, rope = STORE_CASES[case]
+    store = _store(dtype, block_size, heads, head_dim, rng)
+    rope = ROPES[rope](head_dim)
+    length = sum(chunks)
+    blocks = torch.randperm(length // block_size + 4, generator=rng)[: -(-length // block_size)]
+    torch_cache = _random_pages(store, length // block_size + 4, rng)
+    cpu_cache = torch_cache.clone()
+    key, value = _keys_values(store, length, outlier_rate, rng)
+    start = 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        _store_both(store, torch_cache, cpu_cache, key[pos], value[pos].to(in_dtype),
+                    blocks[pos // block_size] * block_size + pos % block_size, pos, rope)
+        start += n
+    if "overflow" in case:
+        assert int(store.layout.view(torch_cache, "key_out_count")[blocks].max()) == store.layout.key_outlier_capacity
+    assert torch.equal(cpu_cache, torch_cache)
+
+
+def test_store_rewrite_from_the_middle_and_padding(rng):
+    """A page refilled from offset 8 forgets the old key outliers at offsets >= 8 and keeps those before; a decode
+    batch of several sequences with padding slots; values on codebook midpoints and flat vectors."""
+    store = _store("kvquant3", 16, 2, 64, rng)
+    torch_cache = _random_pages(store, 6, rng)
+    cpu_cache = torch_cache.clone()
+    rope = ROPES["plain"](64)
+    old_key, old_value = _keys_values(store, 32, 0.03, rng)
+    pos = torch.arange(32)
+    _store_both(store, torch_cache, cpu_cache, old_key, old_value, torch.tensor([3, 1])[pos // 16] * 16 + pos % 16,
+                pos, rope)
+    new_key, _ = _keys_values(store, 12, 0.03, rng)
+    new_value = torch.randint(-2, 3, (12, 2, 64), generator=rng).float()  # ties and midpoints
+    new_value[6:] = 5.0
+    new_value[torch.arange(12), :, torch.randint(0, 64, (12,), generator=rng)] = 50.0
+    pos = torch.arange(8, 20)
+    _store_both(store, torch_cache, cpu_cache, new_key, new_value, torch.tensor([3, 5])[pos // 16] * 16 + pos % 16,
+                pos, rope)
+    key, value = _keys_values(store, 5, 0.03, rng)
+    slots = torch.tensor([-1, 3 * 16 + 8, 5 * 16 + 4, -1, 1 * 16 + 0])
+    _store_both(store, torch_cache, cpu_cache, key, value, slots, torch.tensor([0, 8, 20, 0, 16]), rope)
+    assert torch.equal(cpu_cache, torch_cache)
 
 
 def test_sections_in_the_order_of_the_cpp_struct():

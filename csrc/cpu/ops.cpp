@@ -18,6 +18,15 @@
 
 #include "attention.h"
 
+// The hash of the sources this library was built from (kvquant_vllm/kernels/cpu_build.py passes it): the Python
+// loader reads it from the file to tell a prebuilt library from a stale one without loading it.
+#ifndef KVQUANT_SOURCE_HASH
+#define KVQUANT_SOURCE_HASH unknown
+#endif
+#define KVQUANT_STRING(x) KVQUANT_STRING_(x)
+#define KVQUANT_STRING_(x) #x
+extern "C" __attribute__((used)) const char kvquant_cpu_source[] = "kvquant-cpu-source:" KVQUANT_STRING(KVQUANT_SOURCE_HASH);
+
 namespace kvquant_cpu {
 namespace {
 

@@ -8,7 +8,7 @@ Which implementation the attention backend uses comes from the environment varia
     torch   the vectorized PyTorch path everywhere
     triton  the Triton kernels (on CPU only under ``TRITON_INTERPRET=1``)
     cuda    the CUDA C++ decode kernel (the store stays Triton); an error when it is not available
-    cpu     the C++ CPU attention kernels (the store stays PyTorch); an error when they are not available
+    cpu     the C++ CPU kernels (store and attention); an error when they are not available
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""The C++ CPU attention kernels of ``csrc/cpu``: paged attention straight from kvquant pages, decode and prefill
-chunks, with the contract of :mod:`kvquant_vllm.kernels.reference`.
+"""The C++ CPU kernels of ``csrc/cpu``: paged attention straight from kvquant pages, decode and prefill chunks, with
+the contract of :mod:`kvquant_vllm.kernels.reference`, and the store of new tokens into the pages.
 
 The kernels are a torch extension that registers ``torch.ops.kvquant_cpu.paged_attention``. ``setup.py`` builds
-it at install where torch and a C++ compiler are there (``kvquant_vllm/_cpu_kernels*.so``); otherwise, or when the
-sources are newer than that build, it is built just in time with :func:`torch.utils.cpp_extension.load` into
-``<cache>/torch_extensions/`` (see :func:`kvquant_vllm.models.cache_dir`). :func:`available` says whether either
-worked (once per process, with one warning when neither did: the caller then runs the PyTorch path).
+it at install where torch and a C++ compiler are there (``kvquant_vllm/_cpu_kernels*.so``, see
+:mod:`kvquant_vllm.kernels.cpu_build`); otherwise, or when that build predates the sources, it is built just in
+time with :func:`torch.utils.cpp_extension.load` into ``<cache>/torch_extensions/`` (see
+:func:`kvquant_vllm.models.cache_dir`). :func:`available` says whether either worked (once per process, with one
+warning when neither did: the caller then runs the PyTorch path).
 
 The op picks the widest instruction set the CPU has at run time: AVX-512, AVX2 (with FMA and F16C), or portable
 C++; ``isa=`` forces one. Work is spread over torch's intra-op threads (``torch.get_num_threads()``): one item
@@ -96,6 +97,38 @@ def paged_prefill_attention(
     return _attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale, 1, isa)
 
 
+def store_tokens(
+    cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+    store: PagedKVQuant, cos: torch.Tensor, sin: torch.Tensor, inverse_gain: float,
+) -> None:
+    """Quantize and write new tokens into their page slots: the bytes of :meth:`PagedKVQuant.store` of the
+    un-rotated keys (the contract of :func:`kvquant_vllm.kernels.triton_store.store_tokens`).
+
+    cache: [num_blocks, ...] uint8 pages (written); key: [T, H, D] post-RoPE, value: [T, H, D] (any float dtype);
+    slots: [T] (block * block_size + offset, negative = padding); positions: [T]; cos, sin: [T, D] float32, the
+    model's RoPE at the positions (:meth:`Rope.cos_sin`); inverse_gain: :attr:`Rope.inverse_gain`. Tokens of one
+    page must come in position order (as vLLM writes them).
+    """
+    lay = store.layout
+    pages = _pages(cache, lay)
+    if key.dim() != 3 or key.shape[1:] != (lay.num_kv_heads, lay.head_dim) or value.shape != key.shape:
+        raise ValueError(f"key and value must be [tokens, {lay.num_kv_heads}, {lay.head_dim}], got "
+                         f"{list(key.shape)} and {list(value.shape)}")
+    _load_op()
+    torch.ops.kvquant_cpu.store(
+        pages, key.float().contiguous(), value.float().contiguous(), slots.long().contiguous(),
+        positions.long().contiguous(), cos.float(), sin.float(), float(inverse_gain),
+        store.key_scale.float().contiguous(), store.key_offset.float().contiguous(),
+        store.key_books[0].float().contiguous(), store.value_books[0].float().contiguous(), lay.bits, lay.block_size,
+        _section_offsets(lay), lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink,
+    )
+
+
+def _section_offsets(layout: PageLayout) -> list[int]:
+    """Byte offsets of the sections within a head's segment, in PageLayout's order (that of the C++ Sections)."""
+    return [offset for offset, _, _ in layout.sections().values()]
+
+
 def _attention(
     query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, store: PagedKVQuant, rope: Rope, scale: float, num_splits: int, isa: str | None,
@@ -110,12 +143,12 @@ def _attention(
                          f"query_start_loc {len(query_start_loc)}: expected one per request (+1)")
     _load_op()
     out = torch.empty(query.shape, dtype=torch.float32)
-    sections = [offset for offset, _, _ in lay.sections().values()]
     torch.ops.kvquant_cpu.paged_attention(
         out, query, pages, block_table.to(torch.int32), query_start_loc, seq_lens,
         store.key_scale.float().contiguous(), store.key_offset.float().contiguous(),
         store.key_books[1].float().contiguous(), store.value_books[1].float().contiguous(),
-        rope.inv_freq.float().contiguous(), scale * rope.scaling * LOG2E, lay.bits, lay.block_size, sections,
+        rope.inv_freq.float().contiguous(), scale * rope.scaling * LOG2E, lay.bits, lay.block_size,
+        _section_offsets(lay),
         lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink, num_splits, isa or "",
     )
     return out
@@ -151,40 +184,40 @@ def _check_query(query: torch.Tensor, layout: PageLayout, rope: Rope) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------------- build
+def installed_library() -> Path | None:
+    """The library that setup.py built, when there is one and it was built from the sources beside it (an editable
+    install whose csrc/cpu changed since is rebuilt just in time instead)."""
+    spec = importlib.util.find_spec(cpu_build.EXTENSION)
+    if spec is None or spec.origin is None:
+        return None
+    library = Path(spec.origin)
+    if cpu_build.CSRC.is_dir() and not cpu_build.built_from_sources(library):
+        logger.info("kvquant CPU kernels: %s predates the sources in %s, building them instead", library,
+                    cpu_build.CSRC)
+        return None
+    return library
+
+
 @functools.cache
 def _load_op() -> None:
-    """Load the extension (once per process): the build from install when it is current, else a just-in-time
-    build. Registers torch.ops.kvquant_cpu."""
-    prebuilt = _prebuilt_library()
-    if prebuilt is not None:
-        torch.ops.load_library(prebuilt)
+    """Load the installed library, or build (once per source version, cached on disk) and load one; registers
+    torch.ops.kvquant_cpu."""
+    started = time.perf_counter()
+    library = installed_library()
+    if library is not None:
+        torch.ops.load_library(str(library))
         return
     from torch.utils import cpp_extension
 
     missing = [name for name in cpu_build.SOURCES if not (cpu_build.CSRC / name).is_file()]
     if missing:
-        raise RuntimeError(f"{cpu_build.CSRC} lacks {', '.join(missing)} and the package holds no build of the "
-                           "kernels: reinstall kvquant-vllm where a C++ compiler is present")
+        raise RuntimeError(f"{cpu_build.CSRC} lacks {', '.join(missing)}: without an installed build, the kernels "
+                           "are built from a source checkout of the package")
     build = cache_dir() / "torch_extensions" / f"kvquant_cpu-torch{torch.__version__}-{cpu_build.source_hash()}"
     build.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     cpp_extension.load(
         name="kvquant_cpu_kernels", sources=[str(cpu_build.CSRC / name) for name in cpu_build.SOURCES],
-        extra_cflags=list(cpu_build.CFLAGS), extra_ldflags=list(cpu_build.LDFLAGS), build_directory=str(build),
-        is_python_module=False,
+        extra_cflags=[*cpu_build.CFLAGS, cpu_build.hash_define()], extra_ldflags=list(cpu_build.LDFLAGS),
+        build_directory=str(build), is_python_module=False,
     )
-    logger.info("kvquant CPU attention kernels loaded in %.1f s (just-in-time build in %s)",
-                time.perf_counter() - started, build)
-
-
-def _prebuilt_library() -> str | None:
-    """Path of the extension that setup.py built, when there is one and no source is newer (an editable install
-    whose csrc/ changed since)."""
-    spec = importlib.util.find_spec(cpu_build.EXTENSION)
-    if spec is None or spec.origin is None:
-        return None
-    built = Path(spec.origin).stat().st_mtime
-    if cpu_build.CSRC.is_dir() and any(p.stat().st_mtime > built for p in cpu_build.CSRC.iterdir()):
-        logger.info("%s is older than %s: building the kernels just in time", spec.origin, cpu_build.CSRC)
-        return None
-    return spec.origin
+    logger.info("kvquant CPU attention kernels built in %s in %.1f s", build, time.perf_counter() - started)

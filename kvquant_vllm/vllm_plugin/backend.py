@@ -8,8 +8,8 @@ So what vLLM returns (tokens, logprobs, prompt logprobs) is the quantized model'
 The PyTorch path does all of it on any device. With ``KVQUANT_KERNELS`` selecting kernels (see
 :mod:`kvquant_vllm.kernels`), the batch's decode requests (vLLM puts them first) and its prefill chunks
 attend straight from the packed pages: on a GPU the store is the Triton kernel, decodes run the Triton or
-CUDA paged decode kernel and prefill chunks the Triton paged prefill kernel; on a CPU the store is the
-PyTorch one and both kinds of request run the C++ CPU attention kernels.
+CUDA paged decode kernel and prefill chunks the Triton paged prefill kernel; on a CPU the C++ CPU kernels
+store and attend.
 """
 
 from __future__ import annotations
@@ -256,11 +256,14 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             self.rope = self.rope.to(query.device)
         m = attn_metadata
         n = m.num_actual_tokens
-        if self.kernels in ("torch", "cpu"):
+        if self.kernels == "torch":
             key_pre_rope = invert_rope(key[:n].float(), m.rope_cos, m.rope_sin) * self.rope.inverse_gain
             self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
         else:
-            from kvquant_vllm.kernels.triton_store import store_tokens
+            if self.kernels == "cpu":
+                from kvquant_vllm.kernels.cpu import store_tokens
+            else:
+                from kvquant_vllm.kernels.triton_store import store_tokens
 
             store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, m.rope_cos,
                          m.rope_sin, self.rope.inverse_gain)
