@@ -62,3 +62,24 @@ def test_calibration_errors_name_the_fix(kvquant_model_dir, tmp_path):
     no_rope.position_embedding_type = "absolute"
     with pytest.raises(UnsupportedModelError, match="no rotary position embedding"):
         load_calibration("kvquant3", str(kvquant_model_dir), no_rope, None)
+
+
+def test_rope_recovered_under_a_bf16_default_dtype():
+    """vLLM builds a bf16 model with torch's default dtype set to bf16: the check of the recovered RoPE must not
+    round its probe positions (bf16 rounds 319 to 320, past a 320-position table)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from kvquant_vllm.quant.rope import Rope
+    from kvquant_vllm.vllm_plugin.rope import rope_of
+
+    with set_current_vllm_config(VllmConfig()):
+        rotary = get_rope(64, max_position=320, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+                          is_neox_style=True, dtype=torch.float32)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            rope = rope_of(rotary)
+        finally:
+            torch.set_default_dtype(default)
+    torch.testing.assert_close(rope.inv_freq, Rope.default(64, 100000.0).inv_freq)

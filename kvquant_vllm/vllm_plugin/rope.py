@@ -28,7 +28,8 @@ def rope_of(rotary) -> Rope:
     inv_freq = rotary._compute_inv_freq(getattr(rotary, argument)).float().cpu()
     table = rotary.cos_sin_cache.float().cpu()  # [max_position, D]: cos half | sin half
     rope = Rope(inv_freq, float(table[0, 0]))  # cos(0) x the attention factor
-    positions = torch.linspace(0, len(table) - 1, CHECKED_POSITIONS).long()
+    # float64: vLLM builds the model under the model's default dtype, and bf16 would round position 319 up to 320.
+    positions = torch.linspace(0, len(table) - 1, CHECKED_POSITIONS, dtype=torch.float64).long()
     cos, sin = rope.cos_sin(positions)
     half = rotary.head_size // 2
     error = torch.maximum((cos[:, :half] - table[positions, :half]).abs(),
