@@ -51,6 +51,8 @@ def _engine(model_dir, **kwargs):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # LLM.apply_model ships the reference check (a functools.partial) to the worker with pickle.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    # A step of the layers switched to Triton runs its kernels in the interpreter: minutes on a busy machine.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")
     args = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
     return LLM(**(args | kwargs))
 
