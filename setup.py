@@ -4,14 +4,21 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 
-def cuda_build_options() -> dict:
-    """ext_modules and cmdclass of the CUDA decode kernel (csrc/): built when torch is a CUDA build and nvcc is
-    found (pip install --no-build-isolation), nothing otherwise; the kernel is then JIT-built at first use."""
-    path = Path(__file__).parent / "kvquant_vllm" / "kernels" / "cuda_build.py"
-    spec = importlib.util.spec_from_file_location("kvquant_cuda_build", path)
-    cuda_build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cuda_build)
-    extensions = cuda_build.extensions()
+def _build_module(name: str):
+    """kvquant_vllm/kernels/<name>.py, loaded by path (setup.py imports nothing from the package)."""
+    path = Path(__file__).parent / "kvquant_vllm" / "kernels" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"kvquant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_options() -> dict:
+    """ext_modules and cmdclass of the compiled kernels, built where torch is importable at build time (pip install
+    --no-build-isolation): the CUDA decode kernel (csrc/) when torch is a CUDA build and nvcc is found, the C++ CPU
+    attention kernels (csrc/cpu) always (optional: a failed build is skipped). Kernels not built here are JIT-built
+    at first use."""
+    extensions = [*_build_module("cuda_build").extensions(), *_build_module("cpu_build").extensions()]
     if not extensions:
         return {}
     from torch.utils.cpp_extension import BuildExtension
@@ -46,5 +53,5 @@ setup(
         "console_scripts": ["kvquant-vllm=kvquant_vllm.cli:main"],
         "vllm.general_plugins": ["kvquant=kvquant_vllm.vllm_plugin:register"],
     },
-    **cuda_build_options(),
+    **extension_options(),
 )

@@ -93,7 +93,7 @@ def remove_attention_check(model: torch.nn.Module) -> None:
 
 
 def use_kernels(model: torch.nn.Module, kernels: str, layers: tuple[int, ...]) -> None:
-    """Switch the kvquant attention of ``layers`` to the ``kernels`` path ('torch', 'triton')."""
+    """Switch the kvquant attention of ``layers`` to the ``kernels`` path ('torch', 'triton', 'cpu')."""
     from vllm.model_executor.models.utils import extract_layer_index
 
     for name, m in model.named_modules():

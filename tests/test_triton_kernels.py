@@ -315,6 +315,7 @@ def test_store_rewrite_from_the_middle_drops_stale_outliers(rng):
     ("", "cpu", "torch"),
 ])
 def test_kernel_backend_choice(value, device, expected, monkeypatch):
+    monkeypatch.setattr("kvquant_vllm.kernels.cpu_kernels_available", lambda: False)  # auto on CPU: see test_cpu_kernels
     if value is None:
         monkeypatch.delenv(ENV_VAR, raising=False)
     else:
@@ -326,13 +327,14 @@ def test_kernel_backend_choice(value, device, expected, monkeypatch):
 def test_kernel_backend_auto_on_cuda(cuda_ok, expected, monkeypatch):
     monkeypatch.setenv(ENV_VAR, "auto")
     monkeypatch.setattr("kvquant_vllm.kernels.cuda_kernels_available", lambda: cuda_ok)
+    monkeypatch.setattr("kvquant_vllm.kernels.cpu_kernels_available", lambda: False)
     assert kernel_backend("cuda") == expected
     assert kernel_backend("cpu") == "torch"
 
 
 def test_kernel_backend_errors(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "tensorrt")
-    with pytest.raises(ValueError, match=r"KVQUANT_KERNELS='tensorrt' is not one of auto, torch, triton, cuda"):
+    with pytest.raises(ValueError, match=r"KVQUANT_KERNELS='tensorrt' is not one of auto, torch, triton, cuda, cpu"):
         kernel_backend("cpu")
     monkeypatch.setenv(ENV_VAR, "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

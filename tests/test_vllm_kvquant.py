@@ -27,10 +27,12 @@ from kvquant_vllm.engine import kv_capacity_tokens, shutdown
 from kvquant_vllm.eval.agreement import evaluate_agreement, greedy_answers
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize
 from kvquant_vllm.eval.vllm_ppl import vllm_agreement, vllm_perplexity
+from kvquant_vllm.kernels import kernel_backend
 from engine_checks import attention_check_reports, install_attention_check, remove_attention_check, use_kernels
 
 pytestmark = pytest.mark.slow
 CHECKED_LAYERS = (0, 15, 29)
+DEFAULT_KERNELS = kernel_backend("cpu")  # what the engine's layers run: KVQUANT_KERNELS as the workers see it
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
            "The three primary colors are"]
@@ -40,6 +42,8 @@ def _engine(model_dir, **kwargs):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # LLM.apply_model ships the reference check (a functools.partial) to the worker with pickle.
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    # A step of the layers switched to Triton runs its kernels in the interpreter: minutes on a busy machine.
+    os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "1800")
     args = dict(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, seed=0)
     return LLM(**(args | kwargs))
 
@@ -121,7 +125,8 @@ def _assert_reports_match(reports, min_tokens):
 
 def test_every_attention_call_equals_the_reference(engine, windows):
     """Chunked prefill (300 tokens in 128-token steps), prefills mixed with decodes, then a prefix-cache hit:
-    each call of layers 0, 15 and 29 against the reference over the request's whole quantized history."""
+    each call of layers 0, 15 and 29 against the reference over the request's whole quantized history, on the
+    path that KVQUANT_KERNELS=auto picks on this CPU (the C++ kernels where they build)."""
     engine.reset_prefix_cache()
     prompts = [windows[0, :300].tolist(), windows[1, :40].tolist(), windows[2, :200].tolist()]
     with _attention_checked(engine) as reports:
@@ -131,7 +136,27 @@ def test_every_attention_call_equals_the_reference(engine, windows):
         hit = _greedy_tokens(engine, [windows[0, :280].tolist() + windows[1, 100:130].tolist()], max_tokens=4)
         assert hit[0].num_cached_tokens == 256  # the first page is read back from the quantized cache
         _assert_reports_match(reports(), min_tokens=540 + 3 * 5 + 310 - 256 + 3)
-        assert all(r["mixed_calls"] >= 1 and r["kernels"] == {"torch"} for r in reports())
+        assert all(r["mixed_calls"] >= 1 and r["kernels"] == {DEFAULT_KERNELS} for r in reports())
+
+
+def _checked_on(engine, kernels, prompts, max_tokens):
+    """Greedy outputs of ``prompts`` with CHECKED_LAYERS switched to the ``kernels`` path, and their reports."""
+    engine.apply_model(functools.partial(use_kernels, kernels=kernels, layers=CHECKED_LAYERS))
+    try:
+        with _attention_checked(engine) as reports:
+            outs = _greedy_tokens(engine, prompts, max_tokens=max_tokens)
+            return outs, reports()
+    finally:
+        engine.apply_model(functools.partial(use_kernels, kernels=DEFAULT_KERNELS, layers=CHECKED_LAYERS))
+
+
+def test_torch_path_in_the_engine(engine, windows):
+    """The PyTorch path (KVQUANT_KERNELS=torch) on the checked layers of the same engine, a step mixing a decode
+    with a prefill chunk included (8 + 120 prompt tokens in the first step, then one decode beside the 10 left)."""
+    outs, checked = _checked_on(engine, "torch", [windows[5, :8].tolist(), windows[6, :130].tolist()], max_tokens=3)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
+    _assert_reports_match(checked, min_tokens=138 + 2 * 2)
+    assert all(r["mixed_calls"] >= 1 and r["kernels"] == {"torch"} for r in checked)
 
 
 def test_triton_kernels_in_the_engine(engine, windows):
@@ -139,13 +164,7 @@ def test_triton_kernels_in_the_engine(engine, windows):
     paged decode kernel for the decode requests and the PyTorch prefill over Triton-written pages, a step
     mixing both included (8 + 120 prompt tokens in the first step, then one decode beside the 10 left).
     Every call of those layers against the reference."""
-    engine.apply_model(functools.partial(use_kernels, kernels="triton", layers=CHECKED_LAYERS))
-    try:
-        with _attention_checked(engine) as reports:
-            outs = _greedy_tokens(engine, [windows[3, :8].tolist(), windows[4, :130].tolist()], max_tokens=3)
-            checked = reports()
-    finally:
-        engine.apply_model(functools.partial(use_kernels, kernels="torch", layers=CHECKED_LAYERS))
+    outs, checked = _checked_on(engine, "triton", [windows[3, :8].tolist(), windows[4, :130].tolist()], max_tokens=3)
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
     _assert_reports_match(checked, min_tokens=138 + 2 * 2)
     assert all(r["mixed_calls"] >= 1 and r["kernels"] == {"triton"} for r in checked)

@@ -5,10 +5,11 @@ token's position, KVQuant-quantized with the layer's calibration), then reads ev
 request back from the pages (the current chunk included), dequantizes, re-applies RoPE and attends.
 So what vLLM returns (tokens, logprobs, prompt logprobs) is the quantized model's.
 
-The PyTorch path does all of it on any device. With ``KVQUANT_KERNELS`` selecting the GPU kernels
-(see :mod:`kvquant_vllm.kernels`), the store is the Triton kernel, the batch's decode requests (vLLM
-puts them first) attend with the Triton or CUDA paged decode kernel, and its prefill chunks with the
-Triton paged prefill kernel, all straight from the packed pages.
+The PyTorch path does all of it on any device. With ``KVQUANT_KERNELS`` selecting kernels (see
+:mod:`kvquant_vllm.kernels`), the batch's decode requests (vLLM puts them first) and its prefill chunks
+attend straight from the packed pages: on a GPU the store is the Triton kernel, decodes run the Triton or
+CUDA paged decode kernel and prefill chunks the Triton paged prefill kernel; on a CPU the C++ CPU kernels
+store and attend.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         self._init_reorder_batch_threshold(1)  # decodes first: they go to the paged decode kernel
         self.rope = model_rope(vllm_config.model_config, kv_cache_spec.head_size).to(device)
         self.kernels = kernel_backend(device.type)
-        if self.kernels != "torch":
+        if self.kernels in ("triton", "cuda"):
             from kvquant_vllm.kernels.triton_attention import prefill_block
 
             num_q_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
@@ -171,7 +172,7 @@ class KVQuantMetadataBuilder(AttentionMetadataBuilder[KVQuantMetadata]):
         num_decodes, _, _, _ = split_decodes_and_prefills(cm, decode_threshold=1)
         rope_cos, rope_sin = self.rope.cos_sin(positions)  # once per step, for every layer's store
         prefill_work = None
-        if self.kernels != "torch" and num_decodes < r:
+        if self.kernels in ("triton", "cuda") and num_decodes < r:
             from kvquant_vllm.kernels.triton_attention import prefill_work as schedule
 
             others = cm.query_start_loc_cpu[num_decodes : r + 1]
@@ -228,7 +229,7 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         # The model's own RoPE, as inverse frequencies (an unsupported kind fails here, before allocation).
         self.rope = model_rope(model, head_size)
         self.block_size = config.cache_config.block_size
-        # 'torch', 'triton' or 'cuda': decided (and a bad KVQUANT_KERNELS refused) before the engine allocates.
+        # 'torch', 'triton', 'cuda' or 'cpu': decided (and a bad KVQUANT_KERNELS refused) before the engine allocates.
         self.kernels = kernel_backend(config.device_config.device_type)
         # Built on first forward, when the layer index and the device are known.
         self.store: PagedKVQuant | None = None
@@ -258,24 +259,31 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         if self.kernels == "torch":
             key_pre_rope = invert_rope(key[:n].float(), m.rope_cos, m.rope_sin) * self.rope.inverse_gain
             self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
+        else:
+            if self.kernels == "cpu":
+                from kvquant_vllm.kernels.cpu import store_tokens
+            else:
+                from kvquant_vllm.kernels.triton_store import store_tokens
+
+            store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, m.rope_cos,
+                         m.rope_sin, self.rope.inverse_gain)
+        if self.kernels == "torch":
             output[:n] = self._attend(kv_cache, query[:n], m).to(output.dtype)
             return output
-        from kvquant_vllm.kernels.triton_attention import paged_prefill_attention
-        from kvquant_vllm.kernels.triton_store import store_tokens
-
-        store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, m.rope_cos, m.rope_sin,
-                     self.rope.inverse_gain)
         decodes, others = m.split()
         if decodes is not None:
             output[: decodes.num_actual_tokens] = self._decode(kv_cache, query[: decodes.num_actual_tokens], decodes)
         if others is not None:
-            output[m.num_decodes : n] = paged_prefill_attention(
-                query[m.num_decodes : n], kv_cache, others.block_table, others.query_start_loc, others.seq_lens,
-                self.store, self.rope, self.scale, work=others.prefill_work)
+            output[m.num_decodes : n] = self._prefill(kv_cache, query[m.num_decodes : n], others)
         return output
 
     def _decode(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
         """Decode requests (one query token each) with the paged decode kernel: [num_reqs, Hq, D]."""
+        if self.kernels == "cpu":
+            from kvquant_vllm.kernels import cpu
+
+            return cpu.paged_decode_attention(query, cache, m.block_table, m.seq_lens, self.store, self.rope,
+                                              self.scale)
         if self.kernels == "cuda":
             from kvquant_vllm.kernels import cuda
 
@@ -284,6 +292,18 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         from kvquant_vllm.kernels.triton_attention import paged_decode_attention
 
         return paged_decode_attention(query, cache, m.block_table, m.seq_lens, self.store, self.rope, self.scale)
+
+    def _prefill(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
+        """Prefill chunks (the requests after the decodes) with the paged prefill kernel: [num_tokens, Hq, D]."""
+        if self.kernels == "cpu":
+            from kvquant_vllm.kernels import cpu
+
+            return cpu.paged_prefill_attention(query, cache, m.block_table, m.query_start_loc, m.seq_lens, self.store,
+                                               self.rope, self.scale)
+        from kvquant_vllm.kernels.triton_attention import paged_prefill_attention
+
+        return paged_prefill_attention(query, cache, m.block_table, m.query_start_loc, m.seq_lens, self.store,
+                                       self.rope, self.scale, work=m.prefill_work)
 
     def _rope_table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, D] float32 at positions 0 .. length - 1, computed once for the longest length seen."""

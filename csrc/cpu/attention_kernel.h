@@ -1,0 +1,416 @@
+// Paged attention straight from kvquant pages (layout version 2, kvquant_vllm/quant/paged.py), generic over the
+// vector operations V (simd_avx512.h, simd_avx2.h, simd_scalar.h). Included once per instruction set, inside an
+// anonymous namespace, so that every function here has internal linkage in the translation unit that compiles it
+// for its instruction set.
+//
+// One call of attend() serves one work item (attention.h `Item`): the g query heads of one kv head for a run of
+// query tokens of one request (a decode token, or a block of a prefill chunk), as rows = tokens x g, over a range
+// of the request's pages, walked in tiles of TILE tokens with an online softmax in base 2. Per tile:
+//   1. keys, token-major in the lanes (keys[c] holds channel c of the tile's TILE tokens): the codes of a plane
+//      word are gathered for the tile's tokens, each shift by the plane's width brings the next channel of that
+//      word into the low bits, and one permute looks the codes up in the channel's table (codebook x calibrated
+//      scale + offset, made once per call); then the head's listed outliers (a token-ordered list: one cursor per
+//      page) and the sink at position 0 are written over their elements;
+//   2. RoPE: cos and sin of (t0 + i) x inv_freq compose exact angles of the tile start t0 (per tile) and of the
+//      offsets i < TILE (per call). With few rows the keys turn by i and the queries back by t0 (q . R(t0 + i) k
+//      = (R(t0)^T q) . (R(i) k)); with many, the keys turn by t0 + i and the queries stay;
+//   3. logits of every row against the tile (one FMA per row and channel gives the row's TILE logits), causal
+//      mask, running max and denominator per row;
+//   4. values, channel-major (per token: the codes of L channels from one load of the plane's words, a variable
+//      shift, one permute), per-token fp16 scale and offset, the vector's outliers and the sink, accumulated into
+//      the rows' outputs, several rows per pass over the tile.
+// Nothing is allocated: the rows' state and the tile live in the caller's scratch.
+#pragma once
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr int ROTATED_QUERY_ROWS = 8;  // items of at most this many rows turn the queries (step 2)
+
+template <class V>
+struct Blocks {
+  static constexpr int L = V::L, NB = TILE / L;  // vectors per row of a tile
+  // Rows per register block: logits (NB accumulators per row) and output chunks (CHUNK per row), leaving room for
+  // the operands.
+  static constexpr int SCORE_ROWS = std::min(8, (V::REGS - 2 * NB) / NB);
+  template <int NG>
+  static constexpr int CHUNK = std::min(NG, V::REGS / 4);
+  template <int NG>
+  static constexpr int VALUE_ROWS = std::min(6, (V::REGS - CHUNK<NG>) / CHUNK<NG>);
+};
+
+// Bit planes of a packed vector (pack_code_planes): the low plane (2 bits; 4 for 4-bit codes) of LOW_WORDS 32-bit
+// words, channel c in bits [(c / W) * width, + width) of word c % W, then for 3-bit codes a 1-bit plane of
+// HIGH_WORDS words likewise.
+template <int BITS, int D>
+struct Planes {
+  static constexpr int LOW_WIDTH = BITS == 4 ? 4 : 2;
+  static constexpr int LOW_WORDS = D * LOW_WIDTH / 32, HIGH_WORDS = D / 32;
+  static constexpr int WORDS = D * BITS / 32;   // 32-bit words per vector
+  static constexpr int PACKED = D * BITS / 8;   // bytes per vector
+  static constexpr int PER_WORD = 32 / LOW_WIDTH;  // channels per low-plane word
+};
+
+// Keys of a tile, token-major: keys[c * TILE + i] = dequantized channel c of token i (pre-RoPE).
+template <class V, int BITS, int D>
+void dequantize_keys(const uint8_t* codes, const float* lut, float* keys) {
+  using I = typename V::I;
+  using P = Planes<BITS, D>;
+  constexpr int L = V::L, NB = TILE / L;
+  alignas(64) int32_t word0[TILE];  // word 0 of each token, in words from `codes`
+  for (int i = 0; i < TILE; ++i) word0[i] = i * P::WORDS;
+  I first[NB];
+  for (int b = 0; b < NB; ++b) first[b] = V::load_words(reinterpret_cast<const uint8_t*>(word0 + b * L));
+  auto channels = [&](I low, I high, int w, int b) {  // the PER_WORD channels of low-plane word w
+    for (int k = 0; k < P::PER_WORD; ++k) {
+      const int c = k * P::LOW_WORDS + w;
+      I code = low;
+      if constexpr (BITS == 3) code = V::merge3(low, high);
+      V::store(keys + c * TILE + b * L, V::template lookup_table<BITS>(lut + c * 16, code));
+      low = V::template srli<P::LOW_WIDTH>(low);
+      if constexpr (BITS == 3) high = V::template srli<2>(high);
+    }
+  };
+  for (int b = 0; b < NB; ++b) {
+    if constexpr (BITS == 3) {
+      // Low words w and w + HIGH_WORDS share high word w: their channels' third bits sit at even and odd bits.
+      for (int w = 0; w < P::HIGH_WORDS; ++w) {
+        const I high = V::gather(codes, V::add_i(first[b], V::set1_i(P::LOW_WORDS + w)));
+        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w))), high, w, b);
+        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w + P::HIGH_WORDS))), V::template srli<1>(high),
+                 w + P::HIGH_WORDS, b);
+      }
+    } else {
+      for (int w = 0; w < P::LOW_WORDS; ++w) channels(V::gather(codes, V::add_i(first[b], V::set1_i(w))), I{}, w, b);
+    }
+  }
+}
+
+// Codes of channels [j * L, j * L + L) of one packed vector, channel-major, in the low bits of each lane (bits
+// above may hold other channels' bits: lookups ignore them).
+template <class V, int BITS, int D>
+struct ChannelCodes {
+  using I = typename V::I;
+  using P = Planes<BITS, D>;
+  static constexpr int L = V::L, NG = D / L;
+  I low_shift[NG], high_shift[NG];  // per lane: (c / W) * width
+
+  ChannelCodes() {
+    for (int j = 0; j < NG; ++j) {
+      const I channel = V::add_i(V::iota(), V::set1_i(j * L));
+      low_shift[j] = V::template slli<log2(P::LOW_WIDTH)>(V::template srli<log2(P::LOW_WORDS)>(channel));
+      high_shift[j] = V::template srli<log2(P::HIGH_WORDS)>(channel);
+    }
+  }
+
+  static constexpr int log2(int x) { return x <= 1 ? 0 : 1 + log2(x / 2); }
+
+  template <int W>
+  static I words(const uint8_t* plane, int j) {  // lane l: the word of channel j * L + l
+    if constexpr (W >= L) {
+      return V::load_words(plane + 4 * ((j * L) % W));
+    } else {
+      return V::template pattern<W>(plane);
+    }
+  }
+
+  I code(const uint8_t* vec, int j) const {
+    I c = V::srlv(words<P::LOW_WORDS>(vec, j), low_shift[j]);
+    if constexpr (BITS == 3) c = V::merge3(c, V::srlv(words<P::HIGH_WORDS>(vec + 4 * P::LOW_WORDS, j), high_shift[j]));
+    return c;
+  }
+};
+
+// Logits of RB rows against a tile: s[r * TILE + i] = q[r] . keys[:, i] (q rows D floats apart).
+template <class V, int D, int RB>
+void score_rows(const float* q, const float* keys, float* s) {
+  using F = typename V::F;
+  constexpr int L = V::L, NB = TILE / L;
+  F acc[RB][NB];
+  for (int r = 0; r < RB; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = V::zero();
+  for (int c = 0; c < D; ++c) {
+    F k[NB];
+    for (int b = 0; b < NB; ++b) k[b] = V::load(keys + c * TILE + b * L);
+    for (int r = 0; r < RB; ++r) {
+      const F qc = V::set1(q[r * D + c]);
+      for (int b = 0; b < NB; ++b) acc[r][b] = V::fmadd(qc, k[b], acc[r][b]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int b = 0; b < NB; ++b) V::store(s + r * TILE + b * L, acc[r][b]);
+}
+
+template <class V, int D, int RB = Blocks<V>::SCORE_ROWS>
+void score_block(int rows, const float* q, const float* keys, float* s) {
+  if constexpr (RB > 1) {
+    if (rows < RB) return score_block<V, D, RB - 1>(rows, q, keys, s);
+  }
+  score_rows<V, D, RB>(q, keys, s);
+}
+
+// out[r] = out[r] * alpha[r] + sum_i p[r * TILE + i] * values[i], i < tokens, for RB rows (D floats apart).
+template <class V, int D, int RB>
+void accumulate_rows(int tokens, const float* p, const float* alpha, const float* values, float* out) {
+  using F = typename V::F;
+  constexpr int L = V::L, NG = D / L, CH = Blocks<V>::template CHUNK<NG>;
+  for (int j0 = 0; j0 < NG; j0 += CH) {
+    F acc[RB][CH];
+    for (int r = 0; r < RB; ++r) {
+      const F a = V::set1(alpha[r]);
+      for (int j = 0; j < CH; ++j) acc[r][j] = V::mul(V::load(out + r * D + (j0 + j) * L), a);
+    }
+    for (int t = 0; t < tokens; ++t) {
+      F v[CH];
+      for (int j = 0; j < CH; ++j) v[j] = V::load(values + t * D + (j0 + j) * L);
+      for (int r = 0; r < RB; ++r) {
+        const F pt = V::set1(p[r * TILE + t]);
+        for (int j = 0; j < CH; ++j) acc[r][j] = V::fmadd(pt, v[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < CH; ++j) V::store(out + r * D + (j0 + j) * L, acc[r][j]);
+  }
+}
+
+template <class V, int D, int RB = Blocks<V>::template VALUE_ROWS<D / V::L>>
+void accumulate_block(int rows, int tokens, const float* p, const float* alpha, const float* values, float* out) {
+  if constexpr (RB > 1) {
+    if (rows < RB) return accumulate_block<V, D, RB - 1>(rows, tokens, p, alpha, values, out);
+  }
+  accumulate_rows<V, D, RB>(tokens, p, alpha, values, out);
+}
+
+// Scratch layout of one item (floats).
+struct ScratchLayout {
+  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, rope, value_scale, visible, total;
+  ScratchLayout(int64_t rows, int d) {
+    q = 0;                                      // [rows, D] queries x logit scale
+    q_turned = q + rows * d;                    // [rows, D] the same turned back by the tile start
+    acc = q_turned + rows * d;                  // [rows, D] unnormalised outputs
+    m = acc + rows * d;                         // [rows] running max (base 2)
+    l = m + rows;                               // [rows, 16] running denominator, per lane
+    alpha = l + rows * 16;                      // [rows] rescale of the tile
+    p = alpha + rows;                           // [rows, TILE] logits, then weights
+    keys = p + rows * TILE;                     // [D, TILE]
+    values = keys + d * TILE;                   // [TILE, D]
+    rope = values + TILE * d;                   // [D] cos, sin of the tile start
+    value_scale = rope + d;                     // [2, TILE]
+    visible = value_scale + 2 * TILE;           // [rows] int32: keys of the tile each row sees
+    total = visible + rows;
+  }
+};
+
+int64_t scratch_floats(int64_t rows, int head_dim) { return ScratchLayout(rows, head_dim).total; }
+
+template <class V>
+void rope_table(const float* inv_freq, int half, float* table) {
+  float column[256];  // half <= 128
+  for (int i = 0; i < TILE; ++i) {
+    V::sincos(inv_freq, i, half, column, column + half);
+    for (int c = 0; c < 2 * half; ++c) table[c * TILE + i] = column[c];
+  }
+}
+
+template <class V, int BITS, int D>
+void attend(const Problem& pb, const Item& it, float* scratch) {
+  using F = typename V::F;
+  constexpr int L = V::L, NG = D / L, HALF = D / 2, NH = HALF / L, NB = TILE / L;
+  static_assert(HALF % L == 0 && TILE % L == 0, "head dim and tile must fill the vectors");
+  using P = Planes<BITS, D>;
+
+  const int g = pb.gqa, kvh = it.kv_head, bs = pb.block_size;
+  const int rows = static_cast<int>(it.num_tokens) * g;
+  const bool turn_queries = rows <= ROTATED_QUERY_ROWS;
+  const ScratchLayout lay(rows, D);
+  float* q = scratch + lay.q;
+  float* q_turned = scratch + lay.q_turned;
+  float* acc = scratch + lay.acc;
+  float* m = scratch + lay.m;
+  float* l = scratch + lay.l;
+  float* alpha = scratch + lay.alpha;
+  float* p = scratch + lay.p;
+  float* keys = scratch + lay.keys;
+  float* values = scratch + lay.values;
+  float* rope = scratch + lay.rope;
+  float* value_scale = scratch + lay.value_scale;
+  int32_t* visible = reinterpret_cast<int32_t*>(scratch + lay.visible);
+
+  const F logit_scale = V::set1(pb.logit_scale);
+  for (int r = 0; r < rows; ++r) {
+    const float* src = pb.query + (it.first_token + r / g) * pb.q_stride_token + (kvh * g + r % g) * pb.q_stride_head;
+    for (int j = 0; j < NG; ++j) {
+      V::store(q + r * D + j * L, V::mul(V::load(src + j * L), logit_scale));
+      V::store(acc + r * D + j * L, V::zero());
+    }
+    for (int i = 0; i < 16; i += L) V::store(l + r * 16 + i, V::zero());
+    m[r] = NEG_INF;
+  }
+
+  const ChannelCodes<V, BITS, D> value_codes;
+  const auto value_book = V::template book<BITS>(pb.value_book);
+  const float* key_lut = pb.key_lut + static_cast<int64_t>(kvh) * D * 16;
+  const float* offset_cos = pb.offset_rope;                // [HALF, TILE]
+  const float* offset_sin = pb.offset_rope + HALF * TILE;  // [HALF, TILE]
+  const Sections& sec = pb.sections;
+  const int vo = pb.value_outliers;
+
+  const int64_t kv_end = it.first_position + it.num_tokens;  // keys 0 .. kv_end - 1
+  const int64_t page_end = std::min<int64_t>(it.page_end, (kv_end + bs - 1) / bs);
+  for (int64_t page = it.page_begin; page < page_end; ++page) {
+    const uint8_t* seg = pb.pages + static_cast<int64_t>(it.blocks[page]) * pb.page_stride + kvh * pb.head_stride;
+    const int64_t page_start = page * bs;
+    const int page_tokens = static_cast<int>(std::min<int64_t>(bs, kv_end - page_start));
+    int32_t listed;
+    std::memcpy(&listed, seg + sec.key_out_count, 4);
+    const int count = std::min(std::max(listed, 0), pb.key_capacity);
+    const uint16_t* out_pos = reinterpret_cast<const uint16_t*>(seg + sec.key_out_pos);
+    const uint16_t* out_val = reinterpret_cast<const uint16_t*>(seg + sec.key_out_val);
+    const uint16_t* sink = reinterpret_cast<const uint16_t*>(seg + sec.sink);
+    int entry = 0;
+
+    // Whole tiles of a page's sections lie in the page (block_size is a multiple of TILE): the tokens past n in
+    // the last tile are read (finite: codes index tables) and masked.
+    for (int off = 0; off < page_tokens; off += TILE) {
+      const int n = std::min(TILE, page_tokens - off);
+      const int64_t t0 = page_start + off;
+
+      // ---- 1. keys
+      dequantize_keys<V, BITS, D>(seg + sec.key_codes + off * P::PACKED, key_lut, keys);
+      while (entry < count) {  // the head's outliers in (t, d) order: those of this tile come next
+        const int position = out_pos[entry];
+        const int t = position / D - off;
+        if (t >= n) break;
+        if (t >= 0) keys[(position % D) * TILE + t] = V::half_to_float(out_val[entry]);
+        ++entry;
+      }
+      if (pb.sink && t0 == 0) {
+        for (int c = 0; c < D; ++c) keys[c * TILE] = V::half_to_float(sink[c]);
+      }
+
+      // ---- 2. RoPE
+      V::sincos(pb.inv_freq, t0, HALF, rope, rope + HALF);
+      for (int c = 0; c < HALF; ++c) {
+        F cos_i[NB], sin_i[NB];
+        for (int b = 0; b < NB; ++b) {
+          cos_i[b] = V::load(offset_cos + c * TILE + b * L);
+          sin_i[b] = V::load(offset_sin + c * TILE + b * L);
+          if (!turn_queries) {  // the angles (t0 + i) x f
+            const F c0 = V::set1(rope[c]), s0 = V::set1(rope[HALF + c]);
+            const F cos_t = V::fmsub(c0, cos_i[b], V::mul(s0, sin_i[b]));
+            sin_i[b] = V::fmadd(s0, cos_i[b], V::mul(c0, sin_i[b]));
+            cos_i[b] = cos_t;
+          }
+          float* lo_ptr = keys + c * TILE + b * L;
+          float* hi_ptr = keys + (c + HALF) * TILE + b * L;
+          const F lo = V::load(lo_ptr), hi = V::load(hi_ptr);
+          V::store(lo_ptr, V::fmsub(lo, cos_i[b], V::mul(hi, sin_i[b])));
+          V::store(hi_ptr, V::fmadd(hi, cos_i[b], V::mul(lo, sin_i[b])));
+        }
+      }
+      const float* q_tile = q;
+      if (turn_queries) {  // R(t0)^T q
+        for (int r = 0; r < rows; ++r) {
+          for (int h = 0; h < NH; ++h) {
+            const F c0 = V::load(rope + h * L), s0 = V::load(rope + HALF + h * L);
+            const F lo = V::load(q + r * D + h * L), hi = V::load(q + r * D + HALF + h * L);
+            V::store(q_turned + r * D + h * L, V::fmadd(lo, c0, V::mul(hi, s0)));
+            V::store(q_turned + r * D + HALF + h * L, V::fmsub(hi, c0, V::mul(lo, s0)));
+          }
+        }
+        q_tile = q_turned;
+      }
+
+      // ---- 3. logits and online softmax
+      for (int r0 = 0; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
+        score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_tile + r0 * D, keys, p + r0 * TILE);
+      }
+      int max_visible = 0;
+      for (int r = 0; r < rows; ++r) {
+        const int64_t position = it.first_position + r / g;
+        const int vis = static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - t0 + 1, 0), n));
+        visible[r] = vis;
+        max_visible = std::max(max_visible, vis);
+        float* pr = p + r * TILE;
+        alpha[r] = 1.0f;
+        if (vis == 0) {
+          for (int b = 0; b < NB; ++b) V::store(pr + b * L, V::zero());
+          continue;
+        }
+        F s[NB];
+        float tile_max = NEG_INF;
+        for (int b = 0; b < NB; ++b) {
+          s[b] = V::prefix(V::load(pr + b * L), vis - b * L, NEG_INF);
+          tile_max = std::max(tile_max, V::hmax(s[b]));
+        }
+        if (tile_max > m[r]) {
+          alpha[r] = std::exp2(m[r] - tile_max);  // 0 for the row's first keys
+          m[r] = tile_max;
+        }
+        const F shift = V::set1(m[r]), a = V::set1(alpha[r]);
+        for (int b = 0; b < NB; ++b) {
+          const F e = V::prefix(V::exp2(V::sub(s[b], shift)), vis - b * L, 0.0f);
+          V::store(pr + b * L, e);
+          float* lr = l + r * 16 + (b * L) % 16;  // a per-lane sum: reduced once, at the end
+          V::store(lr, V::fmadd(V::load(lr), a, e));
+        }
+      }
+
+      // ---- 4. values
+      for (int b = 0; b < NB; ++b) {
+        const uint16_t* scales = reinterpret_cast<const uint16_t*>(seg + sec.value_scale) + off + b * L;
+        const uint16_t* offsets = reinterpret_cast<const uint16_t*>(seg + sec.value_offset) + off + b * L;
+        V::store(value_scale + b * L, V::load_half(scales));
+        V::store(value_scale + TILE + b * L, V::load_half(offsets));
+      }
+      const uint8_t* vcodes = seg + sec.value_codes + off * P::PACKED;
+      for (int t = 0; t < max_visible; ++t) {
+        const F scale = V::set1(value_scale[t]), offset = V::set1(value_scale[TILE + t]);
+        for (int j = 0; j < NG; ++j) {
+          const F v = V::template lookup<BITS>(value_book, value_codes.code(vcodes + t * P::PACKED, j));
+          V::store(values + t * D + j * L, V::fmadd(v, scale, offset));
+        }
+        const uint8_t* idx = seg + sec.value_out_idx + (off + t) * vo;
+        const uint16_t* val = reinterpret_cast<const uint16_t*>(seg + sec.value_out_val) + (off + t) * vo;
+        for (int e = 0; e < vo; ++e) values[t * D + std::min<int>(idx[e], D - 1)] = V::half_to_float(val[e]);
+      }
+      if (pb.sink && t0 == 0) {
+        for (int j = 0; j < NG; ++j) V::store(values + j * L, V::load_half(sink + D + j * L));
+      }
+      constexpr int VR = Blocks<V>::template VALUE_ROWS<NG>;
+      for (int r0 = 0; r0 < rows; r0 += VR) {
+        const int rb = std::min(VR, rows - r0);
+        int tokens = 0;
+        for (int r = r0; r < r0 + rb; ++r) tokens = std::max(tokens, visible[r]);
+        if (tokens > 0) accumulate_block<V, D>(rb, tokens, p + r0 * TILE, alpha + r0, values, acc + r0 * D);
+      }
+    }
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    const int64_t token = r / g, head = r % g;
+    float* out = it.out + token * it.out_stride_token + head * D;
+    float sum = 0.0f;
+    for (int i = 0; i < 16; i += L) sum += V::hadd(V::load(l + r * 16 + i));
+    const F inv = V::set1(sum > 0.0f ? 1.0f / sum : 0.0f);
+    for (int j = 0; j < NG; ++j) V::store(out + j * L, V::mul(V::load(acc + r * D + j * L), inv));
+    if (it.max_out != nullptr) {
+      it.max_out[token * it.stat_stride_token + head] = m[r];
+      it.sum_out[token * it.stat_stride_token + head] = sum;
+    }
+  }
+}
+
+template <class V>
+void attend_any(const Problem& pb, const Item& it, float* scratch) {
+  switch (pb.head_dim * 10 + pb.bits) {
+    case 642: return attend<V, 2, 64>(pb, it, scratch);
+    case 643: return attend<V, 3, 64>(pb, it, scratch);
+    case 644: return attend<V, 4, 64>(pb, it, scratch);
+    case 1282: return attend<V, 2, 128>(pb, it, scratch);
+    case 1283: return attend<V, 3, 128>(pb, it, scratch);
+    case 1284: return attend<V, 4, 128>(pb, it, scratch);
+    case 2562: return attend<V, 2, 256>(pb, it, scratch);
+    case 2563: return attend<V, 3, 256>(pb, it, scratch);
+    case 2564: return attend<V, 4, 256>(pb, it, scratch);
+  }
+  // ops.cpp checks head dim and bits before any item runs.
+}

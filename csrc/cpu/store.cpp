@@ -1,0 +1,302 @@
+// The torch op `kvquant_cpu::store`: new tokens' post-RoPE keys and values -> their page slots, the arithmetic of
+// PagedKVQuant.store (kvquant_vllm/quant/pagestore.py) operation for operation, so it writes the same bytes:
+// inverse RoPE, keys normalised per channel (calibrated) and values per token after taking out their top-k
+// outliers (distance from the vector's median; ties go to the lower channel, as the Triton store), nearest codebook
+// entries, codes packed in bit planes, fp16 scales and outliers, the sink at position 0, and each head's key outlier
+// list extended first come, first kept.
+//
+// Portable C++ (no instruction-set pragmas), built with -ffp-contract=off so that no product and sum fuse: every
+// operation rounds as torch's does. Tokens run in parallel; the key outlier lists, which depend on the order of the
+// tokens of a page, are extended afterwards in the batch's order.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <vector>
+
+namespace kvquant_cpu {
+namespace {
+
+constexpr int NUM_SECTIONS = 10;
+
+// float -> IEEE half, rounding to nearest even (as torch's .half()).
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7FFFFFFFu;
+  if (x >= 0x7F800000u) return static_cast<uint16_t>(sign | (x > 0x7F800000u ? 0x7E00u : 0x7C00u));  // NaN, inf
+  if (x >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds past the largest half: inf
+  if (x < 0x38800000u) {  // below the smallest normal half: subnormal or zero
+    if (x < 0x33000000u) return static_cast<uint16_t>(sign);  // below half the smallest subnormal
+    const uint32_t mantissa = (x & 0x7FFFFFu) | 0x800000u;
+    const int shift = 126 - static_cast<int>(x >> 23);  // 14 .. 24
+    uint32_t half = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  uint32_t half = ((x >> 13) - (112u << 10));  // rebias the exponent 127 -> 15
+  const uint32_t rest = x & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // a carry into the exponent is right
+  return static_cast<uint16_t>(sign | half);
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+  float magnitude;
+  if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+  } else if (exponent == 31) {
+    magnitude = mantissa ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  } else {
+    magnitude = std::ldexp(static_cast<float>(mantissa | 0x400u), static_cast<int>(exponent) - 25);
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &magnitude, 4);
+  bits |= sign;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+struct StoreLayout {
+  int bits, block_size, d, num_kv_heads, key_capacity, value_outliers;
+  int64_t head_stride;
+  int64_t key_codes, value_codes, value_scale, value_offset, value_out_val, value_out_idx, key_out_val, key_out_pos,
+      key_out_count, sink;  // PageLayout.sections() offsets
+  bool has_sink;
+};
+
+// Number of midpoints of the sorted book below x, the book's nearest entry (torch.bucketize on the midpoints).
+int nearest_code(float x, const float* midpoints, int count) {
+  int code = 0;
+  for (int i = 0; i < count; ++i) code += x > midpoints[i];
+  return code;
+}
+
+// Codes [d] (each < 2**bits) in bit planes (pack_code_planes) -> out [d * bits / 8] bytes.
+void pack_planes(const uint8_t* codes, int d, int bits, uint8_t* out) {
+  const int low_width = bits == 4 ? 4 : 2, low_words = d * low_width / 32;
+  std::vector<uint32_t> words(static_cast<size_t>(d * bits / 32), 0u);
+  for (int c = 0; c < d; ++c) {
+    words[c % low_words] |= (static_cast<uint32_t>(codes[c]) & ((1u << low_width) - 1)) << ((c / low_words) * low_width);
+    if (bits == 3) {
+      const int high_words = d / 32;
+      words[low_words + c % high_words] |= ((static_cast<uint32_t>(codes[c]) >> 2) & 1u) << (c / high_words);
+    }
+  }
+  std::memcpy(out, words.data(), words.size() * 4);  // little-endian words, as the planes are defined
+}
+
+struct Outlier {
+  int64_t token;
+  int head, channel;
+  uint16_t value;
+};
+
+// The dense part of one token: codes, scales, value outliers, sink; its key outliers (in channel order, head by head)
+// are returned for the lists.
+void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t position, const float* key,
+                 const float* value, const float* cos, const float* sin, float inverse_gain, const float* key_scale,
+                 const float* key_offset, const float* key_mid, const float* value_mid, int64_t token,
+                 std::vector<Outlier>& outliers) {
+  const int d = lay.d, half = d / 2, codes_per = (1 << lay.bits) - 1, packed = d * lay.bits / 8;
+  std::vector<float> pre(static_cast<size_t>(d)), deviation(static_cast<size_t>(d));
+  std::vector<uint8_t> codes(static_cast<size_t>(d));
+  std::vector<char> is_outlier(static_cast<size_t>(d));
+  for (int h = 0; h < lay.num_kv_heads; ++h) {
+    uint8_t* seg = page + h * lay.head_stride;
+    const float* x = key + h * d;
+    // Keys: (x * cos - rotate_half(x) * sin) * inverse_gain, then (k - offset) / scale.
+    for (int c = 0; c < d; ++c) {
+      const float rotated = c < half ? -x[c + half] : x[c - half];
+      const float turned = x[c] * cos[c] - rotated * sin[c];
+      pre[c] = turned * inverse_gain;
+      const float kn = (pre[c] - key_offset[h * d + c]) / key_scale[h * d + c];
+      if (lay.key_capacity > 0 && std::fabs(kn) > 1.0f && !(lay.has_sink && position == 0)) {
+        outliers.push_back({token, h, c, float_to_half(pre[c])});
+      }
+      codes[c] = static_cast<uint8_t>(nearest_code(std::min(std::max(kn, -1.0f), 1.0f), key_mid, codes_per));
+    }
+    pack_planes(codes.data(), d, lay.bits, seg + lay.key_codes + offset * packed);
+
+    // Values: the k farthest from the median (the lower one of the middle two) are outliers.
+    const float* v = value + h * d;
+    std::copy(v, v + d, deviation.begin());
+    std::nth_element(deviation.begin(), deviation.begin() + (d - 1) / 2, deviation.end());
+    const float median = deviation[(d - 1) / 2];
+    for (int c = 0; c < d; ++c) deviation[c] = std::fabs(v[c] - median);
+    std::fill(is_outlier.begin(), is_outlier.end(), 0);
+    for (int e = 0; e < lay.value_outliers; ++e) {
+      int best = -1;
+      for (int c = 0; c < d; ++c) {
+        if (!is_outlier[c] && (best < 0 || deviation[c] > deviation[best])) best = c;
+      }
+      is_outlier[best] = 1;
+    }
+    float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
+    for (int c = 0; c < d; ++c) {
+      if (!is_outlier[c]) {
+        hi = std::max(hi, v[c]);
+        lo = std::min(lo, v[c]);
+      }
+    }
+    const uint16_t offset16 = float_to_half((hi + lo) / 2), scale16 = float_to_half(std::max((hi - lo) / 2, 1e-4f));
+    const float value_offset = half_to_float(offset16), value_scale = half_to_float(scale16);
+    int e = 0;
+    uint16_t* out_val = reinterpret_cast<uint16_t*>(seg + lay.value_out_val) + offset * lay.value_outliers;
+    uint8_t* out_idx = seg + lay.value_out_idx + offset * lay.value_outliers;
+    for (int c = 0; c < d; ++c) {
+      const float vn = (v[c] - value_offset) / value_scale;
+      codes[c] = static_cast<uint8_t>(nearest_code(std::min(std::max(vn, -1.0f), 1.0f), value_mid, codes_per));
+      if (is_outlier[c]) {  // in channel order, as the stored index list is
+        out_idx[e] = static_cast<uint8_t>(c);
+        out_val[e] = float_to_half(v[c]);
+        ++e;
+      }
+    }
+    pack_planes(codes.data(), d, lay.bits, seg + lay.value_codes + offset * packed);
+    reinterpret_cast<uint16_t*>(seg + lay.value_scale)[offset] = scale16;
+    reinterpret_cast<uint16_t*>(seg + lay.value_offset)[offset] = offset16;
+    if (lay.has_sink && position == 0) {
+      uint16_t* sink = reinterpret_cast<uint16_t*>(seg + lay.sink);
+      for (int c = 0; c < d; ++c) {
+        sink[c] = float_to_half(pre[c]);
+        sink[d + c] = float_to_half(v[c]);
+      }
+    }
+  }
+}
+
+// pages [num_blocks, page bytes] uint8 (written); key, value [T, H, D] float32 contiguous (key post-RoPE);
+// slots, positions [T] int64 (slot = block * block_size + offset, negative = padding); cos, sin [T, D] float32
+// (the model's scaled RoPE at the positions); key_scale, key_offset [H, D]; key_book, value_book [2**bits] float32,
+// the encode codebooks (sorted).
+void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
+           const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, double inverse_gain,
+           const at::Tensor& key_scale, const at::Tensor& key_offset, const at::Tensor& key_book,
+           const at::Tensor& value_book, int64_t bits, int64_t block_size, at::IntArrayRef sections,
+           int64_t head_stride, int64_t key_capacity, int64_t value_outliers, bool sink) {
+  TORCH_CHECK(key.dim() == 3 && key.is_contiguous() && key.scalar_type() == at::kFloat && value.sizes() == key.sizes() &&
+                  value.is_contiguous() && value.scalar_type() == at::kFloat,
+              "kvquant CPU store: key and value must be contiguous float32 [tokens, kv heads, D] of one shape");
+  const int64_t num_tokens = key.size(0), heads = key.size(1), d = key.size(2);
+  TORCH_CHECK(d == 64 || d == 128 || d == 256, "kvquant CPU store: head dim ", d, " is not supported (64, 128, 256)");
+  TORCH_CHECK(bits >= 2 && bits <= 4, "kvquant CPU store: ", bits, " bits are not supported");
+  TORCH_CHECK(value_outliers >= 0 && value_outliers < d, "kvquant CPU store: bad value outlier count");
+  for (const at::Tensor* t : {&slots, &positions}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == num_tokens && t->scalar_type() == at::kLong && t->is_contiguous(),
+                "kvquant CPU store: slots and positions must be contiguous int64 [", num_tokens, "]");
+  }
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) >= num_tokens && t->size(1) == d && t->scalar_type() == at::kFloat &&
+                    t->stride(1) == 1,
+                "kvquant CPU store: cos and sin must be float32 [tokens, ", d, "]");
+  }
+  for (const at::Tensor* t : {&key_scale, &key_offset}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({heads, d}) && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "kvquant CPU store: key_scale and key_offset must be contiguous float32 [", heads, ", ", d, "]");
+  }
+  for (const at::Tensor* t : {&key_book, &value_book}) {
+    TORCH_CHECK(t->numel() == (int64_t{1} << bits) && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "kvquant CPU store: codebooks must be float32 [", int64_t{1} << bits, "]");
+  }
+  TORCH_CHECK(pages.dim() == 2 && pages.scalar_type() == at::kByte && pages.stride(1) == 1 &&
+                  pages.size(1) >= heads * head_stride,
+              "kvquant CPU store: pages must be uint8 [num_blocks, page bytes] with rows contiguous");
+  TORCH_CHECK(static_cast<int64_t>(sections.size()) == NUM_SECTIONS, "kvquant CPU store: expected ", NUM_SECTIONS,
+              " section offsets");
+  const StoreLayout lay{static_cast<int>(bits), static_cast<int>(block_size), static_cast<int>(d),
+                        static_cast<int>(heads), static_cast<int>(key_capacity), static_cast<int>(value_outliers),
+                        head_stride, sections[0], sections[1], sections[2], sections[3], sections[4], sections[5],
+                        sections[6], sections[7], sections[8], sections[9], sink};
+
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t num_blocks = pages.size(0);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(slot[t] < num_blocks * block_size, "kvquant CPU store: slot ", slot[t], " is outside the ", num_blocks,
+                " pages");
+  }
+  std::vector<float> key_mid(static_cast<size_t>((1 << bits) - 1)), value_mid(key_mid.size());
+  for (int i = 0; i + 1 < (1 << bits); ++i) {
+    key_mid[i] = (key_book.data_ptr<float>()[i + 1] + key_book.data_ptr<float>()[i]) / 2;
+    value_mid[i] = (value_book.data_ptr<float>()[i + 1] + value_book.data_ptr<float>()[i]) / 2;
+  }
+
+  // Dense parts, token by token in parallel; each token's key outliers kept for the lists.
+  uint8_t* base = pages.data_ptr<uint8_t>();
+  std::vector<std::vector<Outlier>> found(static_cast<size_t>(num_tokens));
+  at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (slot[t] < 0) continue;
+      uint8_t* page = base + (slot[t] / block_size) * pages.stride(0);
+      store_token(lay, page, static_cast<int>(slot[t] % block_size), pos[t], key.data_ptr<float>() + t * heads * d,
+                  value.data_ptr<float>() + t * heads * d, cos.data_ptr<float>() + t * cos.stride(0),
+                  sin.data_ptr<float>() + t * sin.stride(0), static_cast<float>(inverse_gain),
+                  key_scale.data_ptr<float>(), key_offset.data_ptr<float>(), key_mid.data(), value_mid.data(), t,
+                  found[t]);
+    }
+  });
+  if (key_capacity == 0) return;
+
+  // Key outlier lists: entries a previous occupant left at offsets >= the first new offset of a page go; the new
+  // entries follow in (token, head, channel) order while there is room.
+  std::map<int64_t, int64_t> first_new;  // page -> smallest offset written now
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slot[t] < 0) continue;
+    auto [it, fresh] = first_new.emplace(slot[t] / block_size, slot[t] % block_size);
+    if (!fresh) it->second = std::min(it->second, slot[t] % block_size);
+  }
+  std::map<int64_t, std::vector<int32_t>> counts;  // page -> per head: entries kept, then added
+  for (const auto& [page, first] : first_new) {
+    std::vector<int32_t>& c = counts[page];
+    c.resize(static_cast<size_t>(heads));
+    for (int64_t h = 0; h < heads; ++h) {
+      const uint8_t* seg = base + page * pages.stride(0) + h * head_stride;
+      int32_t listed;
+      std::memcpy(&listed, seg + lay.key_out_count, 4);
+      const uint16_t* stored = reinterpret_cast<const uint16_t*>(seg + lay.key_out_pos);
+      int32_t kept = 0;
+      for (int64_t i = 0; i < key_capacity && i < listed; ++i) kept += stored[i] / d < first;
+      c[h] = kept;
+    }
+  }
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slot[t] < 0) continue;
+    const int64_t page = slot[t] / block_size, offset = slot[t] % block_size;
+    std::vector<int32_t>& c = counts[page];
+    for (const Outlier& o : found[t]) {
+      if (c[o.head] >= key_capacity) continue;
+      uint8_t* seg = base + page * pages.stride(0) + o.head * head_stride;
+      reinterpret_cast<uint16_t*>(seg + lay.key_out_pos)[c[o.head]] = static_cast<uint16_t>(offset * d + o.channel);
+      reinterpret_cast<uint16_t*>(seg + lay.key_out_val)[c[o.head]] = o.value;
+      ++c[o.head];
+    }
+  }
+  for (const auto& [page, c] : counts) {
+    for (int64_t h = 0; h < heads; ++h) {
+      std::memcpy(base + page * pages.stride(0) + h * head_stride + lay.key_out_count, &c[h], 4);
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvquant_cpu, m) {
+  m.def(
+      "store(Tensor(a!) pages, Tensor key, Tensor value, Tensor slots, Tensor positions, Tensor cos, Tensor sin, "
+      "float inverse_gain, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, int bits, "
+      "int block_size, int[] sections, int head_stride, int key_capacity, int value_outliers, bool sink) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(kvquant_cpu, CPU, m) { m.impl("store", &store); }
+
+}  // namespace kvquant_cpu

@@ -1,0 +1,252 @@
+"""The C++ CPU kernels (csrc/cpu) against the PyTorch references: attention for every instruction set this CPU runs
+(AVX-512, AVX2, portable) and the store byte for byte, on the random pages and tokens of
+tests/test_triton_kernels.py."""
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvquant_vllm.kernels import ENV_VAR, cpu, cpu_build, kernel_backend
+from kvquant_vllm.kernels.reference import paged_attention_reference, paged_decode_reference
+from kvquant_vllm.quant.paged import PageLayout
+from test_triton_kernels import (
+    ATTENTION_CASES,
+    ROPES,
+    STORE_CASES,
+    _attention_setup,
+    _keys_values,
+    _random_pages,
+    _store,
+)
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the CPU kernels cannot be built here")
+
+
+def _runnable_isas() -> list[str]:
+    """The instruction sets of cpu.INSTRUCTION_SETS that this CPU runs, widest first."""
+    best = cpu.instruction_set()
+    return list(cpu.INSTRUCTION_SETS[cpu.INSTRUCTION_SETS.index(best):])
+
+
+@pytest.fixture(params=cpu.INSTRUCTION_SETS)
+def isa(request):
+    if request.param not in _runnable_isas():
+        pytest.skip(f"this CPU does not run {request.param}")
+    return request.param
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_decode_matches_reference(case, isa, rng):
+    dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, splits, rope = ATTENTION_CASES[case]
+    store, cache, block_table, seq_lens, rope = _attention_setup(dtype, block_size, heads, head_dim, gqa,
+                                                                 outlier_rate, lens, rope, rng)
+    query = torch.randn(len(lens), heads * gqa, head_dim, generator=rng)
+    scale = head_dim**-0.5
+    expected = paged_decode_reference(query, cache, block_table, seq_lens, store, rope, scale)
+    for num_splits in (None, 1, splits, 3):  # split contexts merge to the single pass
+        out = cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, scale,
+                                         num_splits=num_splits, isa=isa)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_prefill_matches_reference(case, isa, rng):
+    """Chunks of every length (a whole prompt, a chunk after cached context, one token) in one call."""
+    dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, _, rope = ATTENTION_CASES[case]
+    store, cache, block_table, seq_lens, rope = _attention_setup(dtype, block_size, heads, head_dim, gqa,
+                                                                 outlier_rate, lens, rope, rng)
+    chunks = [n if i % 2 == 0 else max(1, n // 3) for i, n in enumerate(lens)]
+    query_start_loc = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()])
+    query = torch.randn(sum(chunks), heads * gqa, head_dim, generator=rng)
+    scale = head_dim**-0.5
+    expected = paged_attention_reference(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale)
+    out = cpu.paged_prefill_attention(query, cache, block_table.int(), query_start_loc.int(), seq_lens.int(), store,
+                                      rope, scale, isa=isa)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_side_table_counts(rng):
+    """Key outliers, value outliers and the sink each move the result far past the tolerance, and the kernel
+    follows the reference with each of them removed: none is ignored or read from the wrong place."""
+    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant3", 32, 2, 64, 3, 0.05, (70, 33), "llama3",
+                                                                 rng)
+    lay = store.layout
+    assert int(lay.view(cache, "key_out_count")[block_table.flatten()].max()) == lay.key_outlier_capacity
+    query = torch.randn(2, 6, 64, generator=rng) * 3
+    results = []
+    for change in (None, "key_out_count", "value_out_val", "sink"):
+        if change == "key_out_count":
+            lay.view(cache, change).zero_()
+        elif change is not None:  # exact values replaced by other plausible ones
+            view = lay.view(cache, change)
+            view.copy_(view.flip(-1) if change == "sink" else -view)
+        expected = paged_decode_reference(query, cache, block_table, seq_lens, store, rope, 64**-0.5)
+        out = cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, 64**-0.5)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        results.append(out)
+    for before, after in zip(results, results[1:]):
+        assert (before - after).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rope", ["plain", "yarn"])
+def test_rope_at_long_positions(rope, rng):
+    """Decode at position 20,000 (the kernel's angles reduced exactly) and a prefill chunk after it."""
+    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant4", 256, 1, 64, 2, 0.01, (20_001,), rope,
+                                                                 rng)
+    query = torch.randn(1, 2, 64, generator=rng) * 4
+    expected = paged_decode_reference(query, cache, block_table, seq_lens, store, rope, 0.125)
+    out = cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    query = torch.randn(20, 2, 64, generator=rng) * 4
+    query_start_loc = torch.tensor([0, 20])
+    expected = paged_attention_reference(query, cache, block_table, query_start_loc, seq_lens, store, rope, 0.125)
+    out = cpu.paged_prefill_attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_queries(q_dtype, rng):
+    """16-bit queries are attended as float32 (what the reference does with them)."""
+    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant3", 16, 2, 64, 2, 0.01, (40, 9), "plain",
+                                                                 rng)
+    query = torch.randn(2, 4, 64, generator=rng).to(q_dtype)
+    expected = paged_decode_reference(query, cache, block_table, seq_lens, store, rope, 0.125)
+    out = cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_sequences_and_strided_queries(rng):
+    """A decode of an empty sequence gives zeros; a query that is a view into a packed qkv tensor is read in
+    place; block tables of int64."""
+    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant3", 16, 2, 64, 2, 0.01, (40, 9), "plain",
+                                                                 rng)
+    seq_lens = torch.tensor([40, 0])
+    qkv = torch.randn(2, 4 + 2 + 2, 64, generator=rng)
+    query = qkv[:, :4]
+    expected = paged_decode_reference(query, cache, block_table, seq_lens, store, rope, 0.125)
+    out = cpu.paged_decode_attention(query, cache, block_table.long(), seq_lens, store, rope, 0.125)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert out[1].abs().max() == 0
+
+
+def test_bad_inputs_are_clear_errors(rng):
+    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant3", 16, 2, 64, 2, 0.01, (40, 9), "plain",
+                                                                 rng)
+    query = torch.randn(2, 4, 64)
+    with pytest.raises(ValueError, match=r"query heads are not a multiple of 2 kv heads"):
+        cpu.paged_decode_attention(torch.randn(2, 3, 64), cache, block_table, seq_lens, store, rope, 0.125)
+    with pytest.raises(ValueError, match=r"query must be \[tokens, heads, 64\]"):
+        cpu.paged_decode_attention(torch.randn(2, 4, 32), cache, block_table, seq_lens, store, rope, 0.125)
+    with pytest.raises(TypeError, match="must be uint8"):
+        cpu.paged_decode_attention(query, cache.float(), block_table, seq_lens, store, rope, 0.125)
+    with pytest.raises(ValueError, match="the layout needs"):
+        cpu.paged_decode_attention(query, cache[:, :100], block_table, seq_lens, store, rope, 0.125)
+    with pytest.raises(ValueError, match="isa must be one of avx512, avx2, scalar"):
+        cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, 0.125, isa="neon")
+    with pytest.raises(RuntimeError, match=r"needs 4 blocks, the block table holds 3"):
+        cpu.paged_decode_attention(query, cache, block_table, torch.tensor([49, 9]), store, rope, 0.125)
+    bad_table = block_table.clone()
+    bad_table[0, 1] = cache.shape[0]
+    with pytest.raises(RuntimeError, match="is outside the"):
+        cpu.paged_decode_attention(query, cache, bad_table, seq_lens, store, rope, 0.125)
+
+
+def _store_both(store, torch_cache, cpu_cache, key, value, slots, positions, rope):
+    """The torch store (keys un-rotated by quant.rope) and the C++ store of the same post-RoPE tokens."""
+    key_post = rope.rotate(key, positions).to(value.dtype)
+    store.store(torch_cache, rope.unrotate(key_post.float(), positions), value, slots, positions)
+    cpu.store_tokens(cpu_cache, key_post, value, slots, positions, store, *rope.cos_sin(positions), rope.inverse_gain)
+
+
+@pytest.mark.parametrize("case", STORE_CASES)
+def test_store_writes_the_same_bytes(case, rng):
+    """Sequences written in chunks (prefill chunks, then decode tokens), full key outlier lists included."""
+    dtype, block_size, heads, head_dim, chunks, outlier_rate, in_dtype, rope = STORE_CASES[case]
+    store = _store(dtype, block_size, heads, head_dim, rng)
+    rope = ROPES[rope](head_dim)
+    length = sum(chunks)
+    blocks = torch.randperm(length // block_size + 4, generator=rng)[: -(-length // block_size)]
+    torch_cache = _random_pages(store, length // block_size + 4, rng)
+    cpu_cache = torch_cache.clone()
+    key, value = _keys_values(store, length, outlier_rate, rng)
+    start = 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        _store_both(store, torch_cache, cpu_cache, key[pos], value[pos].to(in_dtype),
+                    blocks[pos // block_size] * block_size + pos % block_size, pos, rope)
+        start += n
+    if "overflow" in case:
+        assert int(store.layout.view(torch_cache, "key_out_count")[blocks].max()) == store.layout.key_outlier_capacity
+    assert torch.equal(cpu_cache, torch_cache)
+
+
+def test_store_rewrite_from_the_middle_and_padding(rng):
+    """A page refilled from offset 8 forgets the old key outliers at offsets >= 8 and keeps those before; a decode
+    batch of several sequences with padding slots; values on codebook midpoints and flat vectors."""
+    store = _store("kvquant3", 16, 2, 64, rng)
+    torch_cache = _random_pages(store, 6, rng)
+    cpu_cache = torch_cache.clone()
+    rope = ROPES["plain"](64)
+    old_key, old_value = _keys_values(store, 32, 0.03, rng)
+    pos = torch.arange(32)
+    _store_both(store, torch_cache, cpu_cache, old_key, old_value, torch.tensor([3, 1])[pos // 16] * 16 + pos % 16,
+                pos, rope)
+    new_key, _ = _keys_values(store, 12, 0.03, rng)
+    new_value = torch.randint(-2, 3, (12, 2, 64), generator=rng).float()  # ties and midpoints
+    new_value[6:] = 5.0
+    new_value[torch.arange(12), :, torch.randint(0, 64, (12,), generator=rng)] = 50.0
+    pos = torch.arange(8, 20)
+    _store_both(store, torch_cache, cpu_cache, new_key, new_value, torch.tensor([3, 5])[pos // 16] * 16 + pos % 16,
+                pos, rope)
+    key, value = _keys_values(store, 5, 0.03, rng)
+    slots = torch.tensor([-1, 3 * 16 + 8, 5 * 16 + 4, -1, 1 * 16 + 0])
+    _store_both(store, torch_cache, cpu_cache, key, value, slots, torch.tensor([0, 8, 20, 0, 16]), rope)
+    assert torch.equal(cpu_cache, torch_cache)
+
+
+def test_sections_in_the_order_of_the_cpp_struct():
+    """The op takes PageLayout.sections() offsets in their order: the C++ struct Sections must list the same names."""
+    header = (cpu_build.CSRC / "attention.h").read_text()
+    body = re.search(r"struct Sections \{(.*?)\};", header, re.S).group(1)
+    names = re.findall(r"\w+", body.replace("int64_t", ""))
+    assert names == list(PageLayout(3, 16, 2, 64).sections())
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert kernel_backend("cpu") == "cpu"
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    assert kernel_backend("cpu") == "cpu"
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert kernel_backend("cpu") == "torch"
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    monkeypatch.setattr("kvquant_vllm.kernels.cpu_kernels_available", lambda: False)
+    with pytest.raises(RuntimeError, match="KVQUANT_KERNELS=cpu, but the C.. CPU kernels cannot run here"):
+        kernel_backend("cpu")
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert kernel_backend("cpu") == "torch"
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(cpu, "_load_op", broken)
+    cpu.available.cache_clear()
+    try:
+        assert not cpu.available() and not cpu.available()
+    finally:
+        cpu.available.cache_clear()
+    warnings = [r for r in caplog.records if "CPU attention kernels unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler" in warnings[0].getMessage()
+
+
+def test_imports_without_vllm():
+    code = "import sys, kvquant_vllm.kernels.cpu; assert 'vllm' not in sys.modules, 'vllm was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
