@@ -77,7 +77,8 @@ def serve_and_load(model_dir: str, dtype: str, calibration: str | None, specs: l
     with VllmServer(cmd, log_dir / f"serve-{dtype}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
         print(f"[{dtype}] serving on {server.url}, log {server.log_path}", flush=True)
         outcomes, wall = asyncio.run(drive(server.url, SERVED_NAME, specs, args.concurrency, args.request_timeout))
-        metrics = server.idle_metrics()
+        # A server that died under the load has no metrics; its requests already count as failed.
+        metrics = server.idle_metrics() if server.healthy() else {}
         healthy = final_request(server)
         row = {"dtype": dtype, **summarize(specs, outcomes, wall), "healthy_after": healthy,
                "preemptions": int(metrics.get("vllm:num_preemptions_total", 0)),

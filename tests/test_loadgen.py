@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from kvquant_vllm.loadgen import FAULTS, MixConfig, Outcome, make_mix, summarize
+from kvquant_vllm.loadgen import FAULTS, MixConfig, Outcome, make_mix, request_kwargs, summarize
 
 CORPUS = list(range(20_000))
 
@@ -39,6 +39,20 @@ def test_mix_is_seeded_and_has_every_kind_of_request():
     assert sum(n for (f, _), n in faults.items() if f == "oversize") == config.oversize
     assert {(f, api) for f in FAULTS[1:] for api in ("chat", "completions")} <= set(faults)
     assert all(s.prompt_tokens > config.max_model_len for s in specs if s.fault == "oversize")
+
+
+def test_requests_carry_their_faults_and_no_sampling_seed():
+    _, specs = _mix()
+    kwargs = {s.index: request_kwargs(s, "m") for s in specs}
+    for s in specs:
+        k = kwargs[s.index]
+        assert ("messages" in k) == (s.api == "chat") and k.get("stream", False) == s.stream
+        assert (k["max_tokens"] < 0) == (s.fault == "negative_max_tokens")
+        assert (k["model"] != "m") == (s.fault == "unknown_model")
+        assert k["temperature"] == (0.0 if s.greedy else 0.8)
+        # A seeded request whose prefill vLLM 0.32 splits across steps kills a CPU engine.
+        assert "seed" not in k and "seed" not in k["extra_body"]
+    assert any(not s.greedy for s in specs)
 
 
 def test_mix_refuses_a_shape_that_cannot_fit():
