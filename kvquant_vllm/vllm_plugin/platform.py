@@ -44,11 +44,9 @@ def route_attention() -> None:
         cache_config = vllm_config.cache_config
         if not is_kvquant_dtype(cache_config.cache_dtype) or vllm_config.model_config is None:
             return
-        from kvquant_vllm.vllm_plugin.calibration import load_calibration
+        from kvquant_vllm.vllm_plugin.calibration import ship_calibration
 
-        model_config = vllm_config.model_config
-        load_calibration(cache_config.cache_dtype, model_config.model, model_config.hf_config,
-                         vllm_config.additional_config)
+        ship_calibration(vllm_config)
         if not cache_config.user_specified_block_size:
             cache_config.block_size = DEFAULT_BLOCK_SIZE
 
