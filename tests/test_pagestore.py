@@ -187,7 +187,8 @@ def test_kv_heads_of_a_calibration(rng):
     part = cal.kv_heads(range(1, 3))
     assert part.geometry.num_kv_heads == 2 and part.geometry.head_dim == 64 and len(part.layers) == 2
     for full, sliced in zip(cal.layers, part.layers):
-        assert torch.equal(sliced.key_scale, full.key_scale[1:3]) and torch.equal(sliced.key_offset, full.key_offset[1:3])
+        assert torch.equal(sliced.key_scale, full.key_scale[1:3])
+        assert torch.equal(sliced.key_offset, full.key_offset[1:3])
         assert torch.equal(sliced.key_codebook, full.key_codebook)
     for bad in (range(3, 5), range(2, 2), range(0, 4, 2)):
         with pytest.raises(ValueError, match="not consecutive heads of the calibration's 4"):

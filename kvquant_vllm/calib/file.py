@@ -100,7 +100,8 @@ def parse_calibration(data: bytes, geometry: AttentionGeometry | None = None, so
         raise CalibrationError(f"{source}: malformed header ({e}); {remedy}") from e
     if version != FORMAT_VERSION:
         raise CalibrationError(
-            f"{source}: calibration format version {version}, this kvquant-vllm reads version {FORMAT_VERSION}; {remedy}"
+            f"{source}: calibration format version {version}, this kvquant-vllm reads version {FORMAT_VERSION}; "
+            f"{remedy}"
         )
     if geometry is not None and file_geo != geometry:
         raise CalibrationError(
