@@ -155,7 +155,7 @@ def test_perplexity_and_greedy_tokens_equal_tp1(runs, name):
     # Without quantization the model is not chaotic: TP=3 gives tp1's argmax and greedy text.
     assert auto_agree == 1.0 and not any(auto_diverged)
     if name == "pp2":  # the same reductions as one rank, layer by layer: the same numbers
-        assert run["ppl"] == pytest.approx(reference["ppl"], rel=1e-6)
+        assert run["ppl"] == pytest.approx(reference["ppl"], rel=1e-5)
         assert run["argmax"] == reference["argmax"] and not any(diverged)
     if name == "tp3-ray":  # the same ranks as tp3, on another executor
         assert run["ppl"] == runs["tp3"]["ppl"] and run["greedy"] == runs["tp3"]["greedy"]
