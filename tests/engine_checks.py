@@ -15,19 +15,34 @@ from dataclasses import replace
 import torch
 
 
-def install_attention_check(model: torch.nn.Module, layers: tuple[int, ...]) -> int:
-    """Wrap the kvquant attention of ``layers`` (indices) in ``model``; returns how many were wrapped."""
+def install_attention_check(model: torch.nn.Module, layers: tuple[int, ...],
+                            calibration_file: str | None = None) -> int:
+    """Wrap the kvquant attention of ``layers`` (indices) in ``model``; returns how many were wrapped.
+
+    With ``calibration_file`` the reference takes its tables from that file, for the kv heads that vLLM's
+    QKVParallelLinear (the layer's ``qkv_proj``) loaded into this tensor-parallel rank, rather than from the
+    backend: so it also catches a rank that quantizes with another head's tables."""
     from vllm.model_executor.models.utils import extract_layer_index
 
+    from kvquant_vllm.calib.file import read_calibration
     from kvquant_vllm.vllm_plugin.backend import KVQuantAttentionImpl
 
+    whole = read_calibration(calibration_file) if calibration_file else None
     wrapped = 0
     for name, module in model.named_modules():
         impl = getattr(module, "impl", None)
         if isinstance(impl, KVQuantAttentionImpl) and extract_layer_index(name) in layers:
-            impl.forward = _checked(impl, impl.forward, extract_layer_index(name))
-            impl.check_report = {"layer": extract_layer_index(name), "calls": 0, "mixed_calls": 0, "tokens": 0,
-                                 "skipped": 0, "max_abs_err": 0.0, "max_abs_out": 0.0, "kernels": set()}
+            heads = range(impl.num_kv_heads)
+            calibration = impl.calibration
+            if whole is not None:
+                qkv = model.get_submodule(name.rsplit(".", 1)[0]).qkv_proj
+                first = qkv.tp_rank // qkv.num_kv_head_replicas * qkv.num_kv_heads  # vLLM's k_proj shard
+                heads = range(first, first + qkv.num_kv_heads)
+                calibration = whole.kv_heads(heads)
+            impl.forward = _checked(impl, impl.forward, extract_layer_index(name), calibration)
+            impl.check_report = {"layer": extract_layer_index(name), "kv_heads": (heads.start, heads.stop), "calls": 0,
+                                 "mixed_calls": 0, "tokens": 0, "skipped": 0, "max_abs_err": 0.0, "max_abs_out": 0.0,
+                                 "kernels": set()}
             wrapped += 1
     return wrapped
 
@@ -36,12 +51,12 @@ def attention_check_reports(model: torch.nn.Module) -> list[dict]:
     return [m.impl.check_report for m in model.modules() if hasattr(getattr(m, "impl", None), "check_report")]
 
 
-def _checked(impl, forward, layer_index: int):
+def _checked(impl, forward, layer_index: int, calibration):
     from kvquant_vllm.quant.kvquant import KVQuantCodec, kvquant_methods
     from kvquant_vllm.quant.rope import invert_rope
 
     options = kvquant_methods()[impl.kv_cache_dtype]
-    codec = KVQuantCodec(impl.kv_cache_dtype, replace(options, block_size=impl.block_size), impl.calibration)
+    codec = KVQuantCodec(impl.kv_cache_dtype, replace(options, block_size=impl.block_size), calibration)
     history: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # first block -> position -> (k, v)
 
     def checked(layer, query, key, value, kv_cache, m, output, *args, **kwargs):

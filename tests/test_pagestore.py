@@ -158,3 +158,38 @@ def test_uninitialised_pages(rng):
     torch.testing.assert_close(v, codec.fake_quant(value, "value", 0), rtol=0, atol=1e-5)
     # The unwritten page's garbage (count and positions alike) loads without an out-of-range index.
     store.load(cache, torch.tensor([1]))
+
+
+@pytest.mark.parametrize("heads", [range(0, 1), range(2, 4), range(1, 4)])
+def test_a_shard_of_heads_stores_what_the_whole_store_stores_for_them(heads, rng):
+    """A tensor-parallel rank's store (the calibration of its kv heads only) writes, byte for byte, the head
+    segments that the store of all heads writes for those heads, and decodes them alike."""
+    cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 4, 64)
+    whole, shard = PagedKVQuant("kvquant3", cal, 0, 16), PagedKVQuant("kvquant3", cal.kv_heads(heads), 0, 16)
+    assert shard.layout.num_kv_heads == len(heads) and shard.layout.head_stride == whole.layout.head_stride
+    key, value = _sequence(cal, 40, rng, outlier_rate=0.03)
+    blocks = torch.tensor([2, 0, 3])
+    whole_cache = torch.zeros(4, whole.layout.page_size_bytes, dtype=torch.uint8)
+    shard_cache = torch.zeros(4, shard.layout.page_size_bytes, dtype=torch.uint8)
+    _store_in_chunks(whole, whole_cache, key, value, blocks, [7, 33])
+    _store_in_chunks(shard, shard_cache, key[:, heads.start:heads.stop], value[:, heads.start:heads.stop], blocks,
+                     [7, 33])
+    segments = whole_cache.view(4, 4, whole.layout.head_stride)[:, heads.start:heads.stop]
+    assert torch.equal(shard_cache.view(4, len(heads), -1), segments)
+    k_whole, v_whole = _read(whole, whole_cache, blocks, 40)
+    k_shard, v_shard = _read(shard, shard_cache, blocks, 40)
+    assert torch.equal(k_shard, k_whole[:, heads.start:heads.stop])
+    assert torch.equal(v_shard, v_whole[:, heads.start:heads.stop])
+
+
+def test_kv_heads_of_a_calibration(rng):
+    cal = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 4, 64, layers=2)
+    part = cal.kv_heads(range(1, 3))
+    assert part.geometry.num_kv_heads == 2 and part.geometry.head_dim == 64 and len(part.layers) == 2
+    for full, sliced in zip(cal.layers, part.layers):
+        assert torch.equal(sliced.key_scale, full.key_scale[1:3])
+        assert torch.equal(sliced.key_offset, full.key_offset[1:3])
+        assert torch.equal(sliced.key_codebook, full.key_codebook)
+    for bad in (range(3, 5), range(2, 2), range(0, 4, 2)):
+        with pytest.raises(ValueError, match="not consecutive heads of the calibration's 4"):
+            cal.kv_heads(bad)

@@ -59,20 +59,34 @@ def write_calibration(path: str | os.PathLike, cal: KVQuantCalibration) -> Path:
 
 def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None = None) -> KVQuantCalibration:
     """Read and validate a calibration file; with ``geometry``, also check it was made for that model."""
-    from safetensors import safe_open
-
     path = Path(path)
-    remedy = "re-create it with `kvquant-vllm calibrate MODEL (--bits B | --method NAME) --out PATH`"
     if not path.is_file():
         raise CalibrationError(f"calibration file {path} does not exist; create it with `kvquant-vllm calibrate`")
+    return parse_calibration(path.read_bytes(), geometry, str(path))
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes: an 8-byte little-endian header length, then JSON."""
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + length:
+        raise ValueError(f"header of {length} bytes, file of {len(data)}")
+    return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
+
+
+def parse_calibration(data: bytes, geometry: AttentionGeometry | None = None, source: str = "calibration"
+                      ) -> KVQuantCalibration:
+    """Validate and decode the bytes of a calibration file (named ``source`` in errors); with ``geometry``, also
+    check it was made for that model."""
+    from safetensors.torch import load
+
+    remedy = "re-create it with `kvquant-vllm calibrate MODEL (--bits B | --method NAME) --out PATH`"
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        metadata = _safetensors_metadata(data)
+        tensors = load(data)
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise CalibrationError(f"calibration file {path} is corrupted or truncated ({e}); {remedy}") from e
+        raise CalibrationError(f"calibration file {source} is corrupted or truncated ({e}); {remedy}") from e
     if HEADER_KEY not in metadata:
-        raise CalibrationError(f"{path} is not a kvquant calibration file (no '{HEADER_KEY}' header); {remedy}")
+        raise CalibrationError(f"{source} is not a kvquant calibration file (no '{HEADER_KEY}' header); {remedy}")
     try:
         header = json.loads(metadata[HEADER_KEY])
         version = header["format_version"]
@@ -83,14 +97,15 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
         spec = spec_type(**header["spec"])
         file_geo = AttentionGeometry(**header["fingerprint"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CalibrationError(f"{path}: malformed header ({e}); {remedy}") from e
+        raise CalibrationError(f"{source}: malformed header ({e}); {remedy}") from e
     if version != FORMAT_VERSION:
         raise CalibrationError(
-            f"{path}: calibration format version {version}, this kvquant-vllm reads version {FORMAT_VERSION}; {remedy}"
+            f"{source}: calibration format version {version}, this kvquant-vllm reads version {FORMAT_VERSION}; "
+            f"{remedy}"
         )
     if geometry is not None and file_geo != geometry:
         raise CalibrationError(
-            f"{path} was made for model {header.get('model')!r} with {file_geo}, "
+            f"{source} was made for model {header.get('model')!r} with {file_geo}, "
             f"but the model being used has {geometry}; calibrate this model with `kvquant-vllm calibrate`"
         )
     expected = tables_type.shapes(file_geo, spec)
@@ -101,11 +116,11 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
             key = f"layers.{i}.{name}"
             t = tensors.get(key)
             if t is None:
-                raise CalibrationError(f"{path}: tensor {key} is missing; {remedy}")
+                raise CalibrationError(f"{source}: tensor {key} is missing; {remedy}")
             if tuple(t.shape) != shape:
-                raise CalibrationError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {shape}; {remedy}")
+                raise CalibrationError(f"{source}: tensor {key} has shape {tuple(t.shape)}, expected {shape}; {remedy}")
             if not torch.isfinite(t).all():
-                raise CalibrationError(f"{path}: tensor {key} holds NaN or infinite values; {remedy}")
+                raise CalibrationError(f"{source}: tensor {key} holds NaN or infinite values; {remedy}")
             fields[name] = t.float()
         layers.append(tables_type(**fields))
     info = {k: v for k, v in header.items() if k not in ("format_version", "method", "model", "fingerprint", "spec")}

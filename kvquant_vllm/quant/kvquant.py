@@ -102,6 +102,11 @@ class LayerCalibration:
             "value_qnorm": (2,),
         }
 
+    def kv_heads(self, heads: range) -> LayerCalibration:
+        """The tables of kv heads ``heads`` only: key_scale/key_offset [len(heads), head_dim], the rest shared."""
+        return replace(self, key_scale=self.key_scale[heads.start : heads.stop],
+                       key_offset=self.key_offset[heads.start : heads.stop])
+
 
 @dataclass
 class KVQuantCalibration:
@@ -113,6 +118,16 @@ class KVQuantCalibration:
     layers: list[Any]  # one tables object per layer, of the spec's family
     model_name: str = ""
     info: dict = field(default_factory=dict)  # text source, sample count and length
+
+    def kv_heads(self, heads: range) -> KVQuantCalibration:
+        """The calibration of kv heads ``heads`` (consecutive, e.g. one tensor-parallel rank's) as a calibration
+        of its own: every per-head table sliced to them, ``geometry.num_kv_heads == len(heads)``, so that pages
+        and codecs built from it hold those heads only (head i of the result is model head heads[i])."""
+        total = self.geometry.num_kv_heads
+        if heads.step != 1 or not 0 <= heads.start < heads.stop <= total:
+            raise ValueError(f"kv heads {heads} are not consecutive heads of the calibration's {total}")
+        return replace(self, geometry=replace(self.geometry, num_kv_heads=len(heads)),
+                       layers=[layer.kv_heads(heads) for layer in self.layers])
 
 
 def outliers_per_vector(outlier_fraction: float, head_dim: int) -> int:

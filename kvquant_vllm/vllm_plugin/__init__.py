@@ -1,7 +1,9 @@
 """vLLM integration, loaded by vLLM through the ``vllm.general_plugins`` entry point.
 
 ``register()`` adds the ``kvquant2/3/4`` KV cache dtypes and routes the attention of layers with
-those dtypes to :class:`~kvquant_vllm.vllm_plugin.backend.KVQuantAttentionBackend`.
+those dtypes to :class:`~kvquant_vllm.vllm_plugin.backend.KVQuantAttentionBackend`; on CPU it also lets vLLM run
+tensor and pipeline parallel engines on its Ray executor and in eager pipeline stages
+(:mod:`~kvquant_vllm.vllm_plugin.cpu_parallel`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ def register() -> None:
     from kvquant_vllm.vllm_plugin.dtypes import add_cache_dtypes
     from kvquant_vllm.vllm_plugin.loader import skip_calibration_file
     from kvquant_vllm.vllm_plugin.platform import route_attention
+    from kvquant_vllm.vllm_plugin.cpu_parallel import enable_ray_executor
 
     add_cache_dtypes()
     route_attention()
     skip_calibration_file()
+    enable_ray_executor()
     _registered = True

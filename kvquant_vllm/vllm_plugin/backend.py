@@ -38,7 +38,7 @@ from kvquant_vllm.kernels import kernel_backend
 from kvquant_vllm.quant.paged import DTYPE_BITS, PageLayout, dtype_layout
 from kvquant_vllm.quant.pagestore import PagedKVQuant
 from kvquant_vllm.quant.rope import apply_rope, invert_rope
-from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, load_calibration
+from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, rank_calibration
 from kvquant_vllm.vllm_plugin.rope import model_rope
 
 
@@ -225,7 +225,8 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         config = get_current_vllm_config()
         model = config.model_config
-        self.calibration = load_calibration(kv_cache_dtype, model.model, model.hf_config, config.additional_config)
+        # The tables of the kv heads this tensor-parallel rank holds: its pages hold those heads only.
+        self.calibration = rank_calibration(kv_cache_dtype, config, self.num_kv_heads)
         # The model's own RoPE, as inverse frequencies (an unsupported kind fails here, before allocation).
         self.rope = model_rope(model, head_size)
         self.block_size = config.cache_config.block_size

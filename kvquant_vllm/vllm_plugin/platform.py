@@ -2,13 +2,15 @@
 
 vLLM's platforms choose the attention backend (the CPU platform always answers CPU_ATTN) and fix
 the block size; the plugin wraps those two class methods of the current platform. Layers with any
-other cache dtype keep vLLM's own choice.
+other cache dtype keep vLLM's own choice. On CPU the config check also picks the worker that runs eager
+pipeline stages (:mod:`~kvquant_vllm.vllm_plugin.cpu_parallel`), for every dtype.
 """
 
 from __future__ import annotations
 
 from kvquant_vllm.quant.kvquant import DEFAULT_BLOCK_SIZE
 from kvquant_vllm.quant.paged import DTYPE_BITS
+from kvquant_vllm.vllm_plugin.cpu_parallel import use_pipeline_worker
 from kvquant_vllm.vllm_plugin.dtypes import is_kvquant_dtype
 
 # One backend per dtype (the page layout depends on the bits, and the spec does not carry them).
@@ -41,14 +43,14 @@ def route_attention() -> None:
 
     def check_and_update_config(cls, vllm_config) -> None:
         check_config(cls, vllm_config)
+        if current_platform.is_cpu():
+            use_pipeline_worker(vllm_config)
         cache_config = vllm_config.cache_config
         if not is_kvquant_dtype(cache_config.cache_dtype) or vllm_config.model_config is None:
             return
-        from kvquant_vllm.vllm_plugin.calibration import load_calibration
+        from kvquant_vllm.vllm_plugin.calibration import ship_calibration
 
-        model_config = vllm_config.model_config
-        load_calibration(cache_config.cache_dtype, model_config.model, model_config.hf_config,
-                         vllm_config.additional_config)
+        ship_calibration(vllm_config)
         if not cache_config.user_specified_block_size:
             cache_config.block_size = DEFAULT_BLOCK_SIZE
 
