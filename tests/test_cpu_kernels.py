@@ -13,6 +13,7 @@ import torch
 from kvquant_vllm.kernels import ENV_VAR, cpu, cpu_build, kernel_backend
 from kvquant_vllm.kernels.reference import paged_attention_reference, paged_decode_reference
 from kvquant_vllm.quant.paged import PageLayout
+import test_triton_kernels as triton_tests
 from test_triton_kernels import (
     ATTENTION_CASES,
     ROPES,
@@ -157,29 +158,14 @@ def test_bad_inputs_are_clear_errors(rng):
 
 
 def _store_both(store, torch_cache, cpu_cache, key, value, slots, positions, rope):
-    """The torch store (keys un-rotated by quant.rope) and the C++ store of the same post-RoPE tokens."""
-    key_post = rope.rotate(key, positions).to(value.dtype)
-    store.store(torch_cache, rope.unrotate(key_post.float(), positions), value, slots, positions)
-    cpu.store_tokens(cpu_cache, key_post, value, slots, positions, store, *rope.cos_sin(positions), rope.inverse_gain)
+    """The torch store and the C++ store of the same post-RoPE tokens."""
+    triton_tests._store_both(store, torch_cache, cpu_cache, key, value, slots, positions, rope, cpu.store_tokens)
 
 
 @pytest.mark.parametrize("case", STORE_CASES)
 def test_store_writes_the_same_bytes(case, rng):
     """Sequences written in chunks (prefill chunks, then decode tokens), full key outlier lists included."""
-    dtype, block_size, heads, head_dim, chunks, outlier_rate, in_dtype, rope = STORE_CASES[case]
-    store = _store(dtype, block_size, heads, head_dim, rng)
-    rope = ROPES[rope](head_dim)
-    length = sum(chunks)
-    blocks = torch.randperm(length // block_size + 4, generator=rng)[: -(-length // block_size)]
-    torch_cache = _random_pages(store, length // block_size + 4, rng)
-    cpu_cache = torch_cache.clone()
-    key, value = _keys_values(store, length, outlier_rate, rng)
-    start = 0
-    for n in chunks:
-        pos = torch.arange(start, start + n)
-        _store_both(store, torch_cache, cpu_cache, key[pos], value[pos].to(in_dtype),
-                    blocks[pos // block_size] * block_size + pos % block_size, pos, rope)
-        start += n
+    store, torch_cache, cpu_cache, blocks = triton_tests.store_case_in_chunks(case, rng, cpu.store_tokens)
     if "overflow" in case:
         assert int(store.layout.view(torch_cache, "key_out_count")[blocks].max()) == store.layout.key_outlier_capacity
     assert torch.equal(cpu_cache, torch_cache)

@@ -224,11 +224,12 @@ def test_fp16_baseline_matches_reference(block_size, heads, head_dim, gqa, split
 
 
 # ----------------------------------------------------------------------------------------------- store
-def _store_both(store, torch_cache, triton_cache, key, value, slots, positions, rope):
-    """The torch store (keys un-rotated by quant.rope) and the Triton store of the same post-RoPE tokens."""
+def _store_both(store, torch_cache, kernel_cache, key, value, slots, positions, rope, kernel_store=store_tokens):
+    """The torch store (keys un-rotated by quant.rope) and a kernel's store (Triton's by default) of the same
+    post-RoPE tokens."""
     key_post = rope.rotate(key, positions).to(value.dtype)
     store.store(torch_cache, rope.unrotate(key_post.float(), positions), value, slots, positions)
-    store_tokens(triton_cache, key_post, value, slots, positions, store, *rope.cos_sin(positions), rope.inverse_gain)
+    kernel_store(kernel_cache, key_post, value, slots, positions, store, *rope.cos_sin(positions), rope.inverse_gain)
 
 
 STORE_CASES = {
@@ -243,23 +244,31 @@ STORE_CASES = {
 }
 
 
-@interpreted
-@pytest.mark.parametrize("case", STORE_CASES)
-def test_store_writes_the_same_bytes(case, rng):
+def store_case_in_chunks(case, rng, kernel_store=store_tokens):
+    """STORE_CASES[case]'s sequence written in its chunks (prefill chunks, then decode tokens) by the torch store
+    and by ``kernel_store`` into two copies of the same random pages: (store, torch pages, kernel pages, the
+    sequence's blocks)."""
     dtype, block_size, heads, head_dim, chunks, outlier_rate, in_dtype, rope = STORE_CASES[case]
     store = _store(dtype, block_size, heads, head_dim, rng)
     rope = ROPES[rope](head_dim)
     length = sum(chunks)
     blocks = torch.randperm(length // block_size + 4, generator=rng)[: -(-length // block_size)]
     torch_cache = _random_pages(store, length // block_size + 4, rng)
-    triton_cache = torch_cache.clone()
+    kernel_cache = torch_cache.clone()
     key, value = _keys_values(store, length, outlier_rate, rng)
     start = 0
     for n in chunks:
         pos = torch.arange(start, start + n)
-        _store_both(store, torch_cache, triton_cache, key[pos], value[pos].to(in_dtype),
-                    blocks[pos // block_size] * block_size + pos % block_size, pos, rope)
+        _store_both(store, torch_cache, kernel_cache, key[pos], value[pos].to(in_dtype),
+                    blocks[pos // block_size] * block_size + pos % block_size, pos, rope, kernel_store)
         start += n
+    return store, torch_cache, kernel_cache, blocks
+
+
+@interpreted
+@pytest.mark.parametrize("case", STORE_CASES)
+def test_store_writes_the_same_bytes(case, rng):
+    store, torch_cache, triton_cache, blocks = store_case_in_chunks(case, rng)
     counts = store.layout.view(torch_cache, "key_out_count")[blocks]
     if "overflow" in case:
         assert int(counts.max()) == store.layout.key_outlier_capacity
