@@ -110,6 +110,28 @@ def test_rope_at_long_positions(rope, rng):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["4bit-bs32-d128-gqa3-overflow-split", "3bit-bs256-gqa8-overflow"])
+def test_bf16_tile_products(case, rng):
+    """AMX: bf16 queries in prefill blocks of 16 rows or more take their products from bf16 tiles (keys, weights and
+    values rounded to bf16, sums in float32, as vLLM's CPU attention has them): within bf16 rounding of the float32
+    reference, and the rows past the last block of 16 as the float32 kernel."""
+    if "amx" not in _runnable_isas():
+        pytest.skip("this CPU does not run amx")
+    dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, _, rope = ATTENTION_CASES[case]
+    store, cache, block_table, seq_lens, rope = _attention_setup(dtype, block_size, heads, head_dim, gqa,
+                                                                 outlier_rate, lens, rope, rng)
+    chunks = [n if i % 2 == 0 else max(1, n // 3) for i, n in enumerate(lens)]
+    query_start_loc = torch.tensor([0, *torch.tensor(chunks).cumsum(0).tolist()])
+    query = torch.randn(sum(chunks), heads * gqa, head_dim, generator=rng).bfloat16()
+    scale = head_dim**-0.5
+    expected = paged_attention_reference(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale)
+    out = cpu.paged_prefill_attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale,
+                                      isa="amx")
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(out, cpu.paged_prefill_attention(query.float(), cache, block_table, query_start_loc,
+                                                            seq_lens, store, rope, scale, isa="amx"))
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_queries(q_dtype, rng):
     """16-bit queries are attended as float32 (what the reference does with them)."""
@@ -147,7 +169,7 @@ def test_bad_inputs_are_clear_errors(rng):
         cpu.paged_decode_attention(query, cache.float(), block_table, seq_lens, store, rope, 0.125)
     with pytest.raises(ValueError, match="the layout needs"):
         cpu.paged_decode_attention(query, cache[:, :100], block_table, seq_lens, store, rope, 0.125)
-    with pytest.raises(ValueError, match="isa must be one of avx512, avx2, scalar"):
+    with pytest.raises(ValueError, match="isa must be one of amx, avx512, avx2, scalar"):
         cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, 0.125, isa="neon")
     with pytest.raises(RuntimeError, match=r"needs 4 blocks, the block table holds 3"):
         cpu.paged_decode_attention(query, cache, block_table, torch.tensor([49, 9]), store, rope, 0.125)

@@ -31,6 +31,7 @@ struct Problem {
   const float* inv_freq;             // [D / 2] RoPE inverse frequencies
   const float* offset_rope;          // [2, D / 2, TILE]: cos, sin of i x inv_freq[c], i < TILE (rope_table)
   float logit_scale;                 // softmax scale x RoPE scaling x log2(e): logits in base 2
+  bool bf16_products;                // the model computes in bf16: products may round to bf16 (AMX tiles)
   const float* query;                // float32, rows of D contiguous
   int64_t q_stride_token, q_stride_head;
 };
@@ -62,6 +63,7 @@ struct Kernels {
   ScratchFn scratch_floats;
 };
 
+Kernels kernels_amx();
 Kernels kernels_avx512();
 Kernels kernels_avx2();
 Kernels kernels_scalar();

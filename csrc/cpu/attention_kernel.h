@@ -16,9 +16,10 @@
 //      = (R(t0)^T q) . (R(i) k)); with many, the keys turn by t0 + i and the queries stay;
 //   3. logits of every row against the tile (one FMA per row and channel gives the row's TILE logits), causal
 //      mask, running max and denominator per row;
-//   4. values, channel-major (per token: the codes of L channels from one load of the plane's words, a variable
-//      shift, one permute), per-token fp16 scale and offset, the vector's outliers and the sink, accumulated into
-//      the rows' outputs, several rows per pass over the tile.
+//   4. values, channel-major (per token: the codebook scaled and offset by the token's fp16 scale and offset, then
+//      the codes of L channels from one load of the plane's words, a variable shift and one permute), the vector's
+//      outliers and the sink, accumulated into the rows' outputs, several rows per pass over the tile.
+// With AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and 4's products from bf16 tiles.
 // Nothing is allocated: the rows' state and the tile live in the caller's scratch.
 #pragma once
 
@@ -66,7 +67,7 @@ void dequantize_keys(const uint8_t* codes, const float* lut, float* keys) {
       if constexpr (BITS == 3) code = V::merge3(low, high);
       V::store(keys + c * TILE + b * L, V::template lookup_table<BITS>(lut + c * 16, code));
       low = V::template srli<P::LOW_WIDTH>(low);
-      if constexpr (BITS == 3) high = V::template srli<2>(high);
+      if constexpr (BITS == 3) high = V::high_next(high);
     }
   };
   for (int b = 0; b < NB; ++b) {
@@ -74,8 +75,8 @@ void dequantize_keys(const uint8_t* codes, const float* lut, float* keys) {
       // Low words w and w + HIGH_WORDS share high word w: their channels' third bits sit at even and odd bits.
       for (int w = 0; w < P::HIGH_WORDS; ++w) {
         const I high = V::gather(codes, V::add_i(first[b], V::set1_i(P::LOW_WORDS + w)));
-        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w))), high, w, b);
-        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w + P::HIGH_WORDS))), V::template srli<1>(high),
+        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w))), V::high_start(high, 0), w, b);
+        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w + P::HIGH_WORDS))), V::high_start(high, 1),
                  w + P::HIGH_WORDS, b);
       }
     } else {
@@ -91,13 +92,13 @@ struct ChannelCodes {
   using I = typename V::I;
   using P = Planes<BITS, D>;
   static constexpr int L = V::L, NG = D / L;
-  I low_shift[NG], high_shift[NG];  // per lane: (c / W) * width
+  I low_shift[NG], high_count[NG];  // per lane: (c / W) * width; the high plane's, as V::high_lanes takes it
 
   ChannelCodes() {
     for (int j = 0; j < NG; ++j) {
       const I channel = V::add_i(V::iota(), V::set1_i(j * L));
       low_shift[j] = V::template slli<log2(P::LOW_WIDTH)>(V::template srli<log2(P::LOW_WORDS)>(channel));
-      high_shift[j] = V::template srli<log2(P::HIGH_WORDS)>(channel);
+      high_count[j] = V::high_count(V::template srli<log2(P::HIGH_WORDS)>(channel));
     }
   }
 
@@ -114,7 +115,9 @@ struct ChannelCodes {
 
   I code(const uint8_t* vec, int j) const {
     I c = V::srlv(words<P::LOW_WORDS>(vec, j), low_shift[j]);
-    if constexpr (BITS == 3) c = V::merge3(c, V::srlv(words<P::HIGH_WORDS>(vec + 4 * P::LOW_WORDS, j), high_shift[j]));
+    if constexpr (BITS == 3) {
+      c = V::merge3(c, V::high_lanes(words<P::HIGH_WORDS>(vec + 4 * P::LOW_WORDS, j), high_count[j]));
+    }
     return c;
   }
 };
@@ -181,7 +184,8 @@ void accumulate_block(int rows, int tokens, const float* p, const float* alpha, 
 
 // Scratch layout of one item (floats).
 struct ScratchLayout {
-  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, rope, value_scale, visible, total;
+  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, rope, value_scale, visible, q16, key_pairs, value_pairs,
+      weights, partial, total;
   ScratchLayout(int64_t rows, int d) {
     q = 0;                                      // [rows, D] queries x logit scale
     q_turned = q + rows * d;                    // [rows, D] the same turned back by the tile start
@@ -195,7 +199,12 @@ struct ScratchLayout {
     rope = values + TILE * d;                   // [D] cos, sin of the tile start
     value_scale = rope + d;                     // [2, TILE]
     visible = value_scale + 2 * TILE;           // [rows] int32: keys of the tile each row sees
-    total = visible + rows;
+    q16 = visible + rows;                       // tile products (simd_amx.h): [rows, D] bf16 queries
+    key_pairs = q16 + rows * d / 2;             // [D / 2, TILE, 2] bf16
+    value_pairs = key_pairs + d * TILE / 2;     // [D / 16, TILE / 2, 16, 2] bf16
+    weights = value_pairs + d * TILE / 2;       // [16, TILE] bf16
+    partial = weights + 16 * TILE / 2;          // [16, 16]
+    total = partial + 16 * 16;
   }
 };
 
@@ -220,6 +229,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
   const int g = pb.gqa, kvh = it.kv_head, bs = pb.block_size;
   const int rows = static_cast<int>(it.num_tokens) * g;
   const bool turn_queries = rows <= ROTATED_QUERY_ROWS;
+  // Rows [0, tile_rows) in blocks of 16 take their products from AMX tiles (bf16 models), the others FMAs.
+  int tile_rows = 0;
+  if constexpr (V::AMX) tile_rows = pb.bf16_products ? rows / V::TILE_ROWS * V::TILE_ROWS : 0;
   const ScratchLayout lay(rows, D);
   float* q = scratch + lay.q;
   float* q_turned = scratch + lay.q_turned;
@@ -233,6 +245,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
   float* rope = scratch + lay.rope;
   float* value_scale = scratch + lay.value_scale;
   int32_t* visible = reinterpret_cast<int32_t*>(scratch + lay.visible);
+  uint16_t* q16 = reinterpret_cast<uint16_t*>(scratch + lay.q16);
+  uint16_t* key_pairs = reinterpret_cast<uint16_t*>(scratch + lay.key_pairs);
+  uint16_t* value_pairs = reinterpret_cast<uint16_t*>(scratch + lay.value_pairs);
 
   const F logit_scale = V::set1(pb.logit_scale);
   for (int r = 0; r < rows; ++r) {
@@ -243,6 +258,12 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
     }
     for (int i = 0; i < 16; i += L) V::store(l + r * 16 + i, V::zero());
     m[r] = NEG_INF;
+  }
+  if constexpr (V::AMX) {
+    if (tile_rows) {
+      V::tiles_configure();
+      V::to_bf16(q, q16, tile_rows * D);
+    }
   }
 
   const ChannelCodes<V, BITS, D> value_codes;
@@ -320,7 +341,15 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       }
 
       // ---- 3. logits and online softmax
-      for (int r0 = 0; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
+      if constexpr (V::AMX) {
+        if (tile_rows) {
+          V::template keys_to_pairs<D>(keys, key_pairs);
+          for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
+            V::template tile_scores<D>(q16 + r0 * D, key_pairs, p + r0 * TILE);
+          }
+        }
+      }
+      for (int r0 = tile_rows; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
         score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_tile + r0 * D, keys, p + r0 * TILE);
       }
       int max_visible = 0;
@@ -362,11 +391,10 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         V::store(value_scale + TILE + b * L, V::load_half(offsets));
       }
       const uint8_t* vcodes = seg + sec.value_codes + off * P::PACKED;
-      for (int t = 0; t < max_visible; ++t) {
-        const F scale = V::set1(value_scale[t]), offset = V::set1(value_scale[TILE + t]);
+      for (int t = 0; t < max_visible; ++t) {  // the book scaled for the token, then one permute per vector
+        const auto book = V::scaled(value_book, V::set1(value_scale[t]), V::set1(value_scale[TILE + t]));
         for (int j = 0; j < NG; ++j) {
-          const F v = V::template lookup<BITS>(value_book, value_codes.code(vcodes + t * P::PACKED, j));
-          V::store(values + t * D + j * L, V::fmadd(v, scale, offset));
+          V::store(values + t * D + j * L, V::template lookup<BITS>(book, value_codes.code(vcodes + t * P::PACKED, j)));
         }
         const uint8_t* idx = seg + sec.value_out_idx + (off + t) * vo;
         const uint16_t* val = reinterpret_cast<const uint16_t*>(seg + sec.value_out_val) + (off + t) * vo;
@@ -375,8 +403,20 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       if (pb.sink && t0 == 0) {
         for (int j = 0; j < NG; ++j) V::store(values + j * L, V::load_half(sink + D + j * L));
       }
+      if constexpr (V::AMX) {
+        if (tile_rows) {
+          for (int t = max_visible; t < TILE; ++t) {  // weight 0, but 0 x NaN is not 0
+            for (int j = 0; j < NG; ++j) V::store(values + t * D + j * L, V::zero());
+          }
+          V::template values_to_pairs<D>(values, value_pairs);
+          for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
+            V::template tile_accumulate<D>(p + r0 * TILE, alpha + r0, value_pairs, acc + r0 * D,
+                                           reinterpret_cast<uint16_t*>(scratch + lay.weights), scratch + lay.partial);
+          }
+        }
+      }
       constexpr int VR = Blocks<V>::template VALUE_ROWS<NG>;
-      for (int r0 = 0; r0 < rows; r0 += VR) {
+      for (int r0 = tile_rows; r0 < rows; r0 += VR) {
         const int rb = std::min(VR, rows - r0);
         int tokens = 0;
         for (int r = r0; r < r0 + rb; ++r) tokens = std::max(tokens, visible[r]);
@@ -385,6 +425,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
     }
   }
 
+  if constexpr (V::AMX) {
+    if (tile_rows) V::tiles_release();
+  }
   for (int r = 0; r < rows; ++r) {
     const int64_t token = r / g, head = r % g;
     float* out = it.out + token * it.out_stride_token + head * D;

@@ -9,6 +9,9 @@
 #include <ATen/ops/full.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -32,11 +35,26 @@ namespace {
 
 constexpr int NUM_SECTIONS = 10;
 // Query rows (tokens x query heads of a kv head) per prefill work item: the rows share each dequantized tile.
-constexpr int PREFILL_ROWS = 32;
+constexpr int PREFILL_ROWS = 48;  // three blocks of AMX tiles
+
+// Linux gives a process AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); torch and
+// vLLM ask too, asking again is harmless.
+bool amx_permitted() {
+#if defined(__linux__) && defined(__x86_64__)
+  static const bool permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return permitted;
+#else
+  return false;
+#endif
+}
 
 bool cpu_has(const char* isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
+  if (std::strcmp(isa, "amx") == 0) {
+    return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-tile") &&
+           __builtin_cpu_supports("amx-bf16") && amx_permitted();
+  }
   if (std::strcmp(isa, "avx512") == 0) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
@@ -49,16 +67,18 @@ bool cpu_has(const char* isa) {
   return std::strcmp(isa, "scalar") == 0;
 }
 
-// The best instruction set of this CPU, or the one asked for ("avx512", "avx2", "scalar"; "" for the best).
+// The best instruction set of this CPU, or the one asked for ("amx", "avx512", "avx2", "scalar"; "" for the best).
 Kernels select_kernels(const std::string& isa) {
   if (isa.empty()) {
+    if (cpu_has("amx")) return kernels_amx();
     if (cpu_has("avx512")) return kernels_avx512();
     if (cpu_has("avx2")) return kernels_avx2();
     return kernels_scalar();
   }
-  TORCH_CHECK(isa == "avx512" || isa == "avx2" || isa == "scalar", "kvquant CPU attention: unknown instruction set '",
-              isa, "' (avx512, avx2 or scalar)");
+  TORCH_CHECK(isa == "amx" || isa == "avx512" || isa == "avx2" || isa == "scalar",
+              "kvquant CPU attention: unknown instruction set '", isa, "' (amx, avx512, avx2 or scalar)");
   TORCH_CHECK(cpu_has(isa.c_str()), "kvquant CPU attention: this CPU does not support ", isa);
+  if (isa == "amx") return kernels_amx();
   if (isa == "avx512") return kernels_avx512();
   if (isa == "avx2") return kernels_avx2();
   return kernels_scalar();
@@ -100,13 +120,14 @@ void run_items(const Kernels& kernels, const Problem& pb, const std::vector<Item
 // contiguous), pages [num_blocks, page_stride] uint8 (rows contiguous), block_table [num_reqs, max_blocks] int32,
 // query_start_loc [num_reqs + 1], seq_lens [num_reqs] (context + chunk; integer), key_scale / key_offset
 // [H, D], key_book / value_book [2**bits], inv_freq [D / 2] float32. sections: PageLayout.sections() offsets in
-// the order of `Sections`. num_splits > 1 splits each request's pages (decode only: one query token per request).
+// the order of `Sections`. bf16_products: the model computes in bf16, so products may round to bf16 (AMX tiles).
+// num_splits > 1 splits each request's pages (decode only: one query token per request).
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& key_scale,
                      const at::Tensor& key_offset, const at::Tensor& key_book, const at::Tensor& value_book,
                      const at::Tensor& inv_freq, double logit_scale, int64_t bits, int64_t block_size,
                      at::IntArrayRef sections, int64_t head_stride, int64_t key_capacity, int64_t value_outliers,
-                     bool sink, int64_t num_splits, const std::string& isa) {
+                     bool sink, bool bf16_products, int64_t num_splits, const std::string& isa) {
   TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == at::kFloat && query.dim() == 3 && query.stride(2) == 1,
               "kvquant CPU attention: query must be a float32 CPU tensor [tokens, heads, D] with its last dim "
               "contiguous, got ", query.scalar_type(), " ", query.sizes());
@@ -177,6 +198,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   pb.inv_freq = inv_freq.data_ptr<float>();
   pb.offset_rope = offset_rope.data();
   pb.logit_scale = static_cast<float>(logit_scale);
+  pb.bf16_products = bf16_products;
   pb.query = query.data_ptr<float>();
   pb.q_stride_token = query.stride(0);
   pb.q_stride_head = query.stride(1);
@@ -283,7 +305,7 @@ TORCH_LIBRARY(kvquant_cpu, m) {
       "paged_attention(Tensor(a!) out, Tensor query, Tensor pages, Tensor block_table, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, Tensor inv_freq, "
       "float logit_scale, int bits, int block_size, int[] sections, int head_stride, int key_capacity, "
-      "int value_outliers, bool sink, int num_splits, str isa) -> ()");
+      "int value_outliers, bool sink, bool bf16_products, int num_splits, str isa) -> ()");
   m.def("best_isa() -> str", &best_isa);
 }
 

@@ -6,6 +6,7 @@ struct Avx2 {
   static constexpr const char* name = "avx2";
   static constexpr int L = 8;
   static constexpr int REGS = 16;
+  static constexpr bool AMX = false;  // no tile products (simd_amx.h)
   using F = __m256;
   using I = __m256i;
 
@@ -76,6 +77,11 @@ struct Avx2 {
   static I srli(I a) { return _mm256_srli_epi32(a, N); }
   template <int N>
   static I slli(I a) { return _mm256_slli_epi32(a, N); }
+  // 3-bit codes, as Avx512: the high plane's words kept shifted so that the wanted bit is bit 0.
+  static I high_count(I bit) { return bit; }
+  static I high_lanes(I words, I count) { return _mm256_srlv_epi32(words, count); }
+  static I high_start(I words, int bit) { return _mm256_srl_epi32(words, _mm_cvtsi32_si128(bit)); }
+  static I high_next(I high) { return _mm256_srli_epi32(high, 2); }
   static I merge3(I low, I high) {
     return _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(3)), _mm256_slli_epi32(high, 2));
   }
@@ -101,6 +107,9 @@ struct Avx2 {
       const F high = _mm256_permutevar8x32_ps(b.high, code);
       return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
     }
+  }
+  static Book scaled(const Book& b, F scale, F offset) {
+    return {_mm256_fmadd_ps(b.low, scale, offset), _mm256_fmadd_ps(b.high, scale, offset)};
   }
   template <int BITS>
   static F lookup_table(const float* table, I code) {

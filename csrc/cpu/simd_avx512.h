@@ -6,6 +6,7 @@ struct Avx512 {
   static constexpr const char* name = "avx512";
   static constexpr int L = 16;
   static constexpr int REGS = 32;  // vector registers
+  static constexpr bool AMX = false;  // no tile products (simd_amx.h)
   using F = __m512;
   using I = __m512i;
 
@@ -68,9 +69,14 @@ struct Avx512 {
   static I srli(I a) { return _mm512_srli_epi32(a, N); }
   template <int N>
   static I slli(I a) { return _mm512_slli_epi32(a, N); }
-  // A 3-bit code from the low plane's bits (bits 0-1 in place) and the high plane's bit (at bit 0); higher
-  // bits may hold other channels' bits (lookup ignores them).
-  static I merge3(I low, I high) { return _mm512_ternarylogic_epi32(low, _mm512_slli_epi32(high, 2), _mm512_set1_epi32(3), 0xE4); }
+  // 3-bit codes: the low plane gives bits 0-1, the high plane bit 2. The high plane's words are kept rotated so
+  // that the wanted bit sits at bit 2 (a rotation, unlike a shift, reaches bits 0 and 1 too); higher bits may hold
+  // other channels' bits (lookups ignore them).
+  static I high_count(I bit) { return _mm512_and_si512(_mm512_sub_epi32(bit, _mm512_set1_epi32(2)), _mm512_set1_epi32(31)); }
+  static I high_lanes(I words, I count) { return _mm512_rorv_epi32(words, count); }  // lane l: bit l of count
+  static I high_start(I words, int bit) { return _mm512_rorv_epi32(words, _mm512_set1_epi32((bit - 2) & 31)); }
+  static I high_next(I high) { return _mm512_ror_epi32(high, 2); }  // the bit two places up
+  static I merge3(I low, I high) { return _mm512_ternarylogic_epi32(low, high, _mm512_set1_epi32(3), 0xE4); }
 
   // -------------------------------------------------------------------------------------- codebooks
   // One register of 16 entries: the 2**BITS entries repeated, so that index bits above BITS do not matter.
@@ -85,6 +91,7 @@ struct Avx512 {
   }
   template <int BITS>
   static F lookup(const Book& b, I code) { return _mm512_permutexvar_ps(code, b.entries); }
+  static Book scaled(const Book& b, F scale, F offset) { return {_mm512_fmadd_ps(b.entries, scale, offset)}; }
   // Entry code of a 16-float table (a book of fewer entries repeated, as book()).
   template <int BITS>
   static F lookup_table(const float* table, I code) { return _mm512_permutexvar_ps(code, _mm512_loadu_ps(table)); }

@@ -7,6 +7,7 @@ struct Scalar {
   static constexpr const char* name = "scalar";
   static constexpr int L = 8;
   static constexpr int REGS = 16;
+  static constexpr bool AMX = false;  // no tile products (simd_amx.h)
   struct F {
     float v[L];
   };
@@ -97,6 +98,11 @@ struct Scalar {
   static I srli(I a) { return map_i([&](int l) { return a.v[l] >> N; }); }
   template <int N>
   static I slli(I a) { return map_i([&](int l) { return a.v[l] << N; }); }
+  // 3-bit codes, as Avx512: the high plane's words kept shifted so that the wanted bit is bit 0.
+  static I high_count(I bit) { return bit; }
+  static I high_lanes(I words, I count) { return srlv(words, count); }
+  static I high_start(I words, int bit) { return map_i([&](int l) { return words.v[l] >> bit; }); }
+  static I high_next(I high) { return srli<2>(high); }
   static I merge3(I low, I high) { return map_i([&](int l) { return (low.v[l] & 3u) | ((high.v[l] & 1u) << 2); }); }
 
   // -------------------------------------------------------------------------------------- codebooks
@@ -111,6 +117,11 @@ struct Scalar {
   }
   template <int BITS>
   static F lookup(const Book& b, I code) { return lookup_table<BITS>(b.entries, code); }
+  static Book scaled(const Book& b, F scale, F offset) {
+    Book r;
+    for (int i = 0; i < 16; ++i) r.entries[i] = std::fma(b.entries[i], scale.v[0], offset.v[0]);
+    return r;
+  }
   template <int BITS>
   static F lookup_table(const float* table, I code) { return map([&](int l) { return table[code.v[l] & 15u]; }); }
 

@@ -8,9 +8,11 @@ time with :func:`torch.utils.cpp_extension.load` into ``<cache>/torch_extensions
 :func:`kvquant_vllm.models.cache_dir`). :func:`available` says whether either worked (once per process, with one
 warning when neither did: the caller then runs the PyTorch path).
 
-The op picks the widest instruction set the CPU has at run time: AVX-512, AVX2 (with FMA and F16C), or portable
-C++; ``isa=`` forces one. Work is spread over torch's intra-op threads (``torch.get_num_threads()``): one item
-per (request, block of query tokens, kv head, split of a decode's context). Nothing here imports vLLM.
+The op picks the widest instruction set the CPU has at run time: AMX (AVX-512 with bf16 tiles), AVX-512, AVX2
+(with FMA and F16C), or portable C++; ``isa=`` forces one. For a bf16 model (bf16 queries) the AMX kernels take the
+products of prefill blocks from bf16 tiles, as vLLM's own CPU attention does; other queries are attended in
+float32. Work is spread over torch's intra-op threads (``torch.get_num_threads()``): one item per (request, block
+of query tokens, kv head, split of a decode's context). Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INSTRUCTION_SETS = ("avx512", "avx2", "scalar")
+INSTRUCTION_SETS = ("amx", "avx512", "avx2", "scalar")  # widest first
 HEAD_DIMS = (64, 128, 256)
 LOG2E = math.log2(math.e)
 SPLITS_PER_THREAD = 4  # decode: at least this many work items per thread, splitting contexts if need be
@@ -55,7 +57,7 @@ def available() -> bool:
 
 
 def instruction_set() -> str:
-    """The instruction set the kernels use on this CPU: 'avx512', 'avx2' or 'scalar'."""
+    """The instruction set the kernels use on this CPU: one of :data:`INSTRUCTION_SETS`."""
     _load_op()
     return torch.ops.kvquant_cpu.best_isa()
 
@@ -135,6 +137,7 @@ def _attention(
 ) -> torch.Tensor:
     lay = store.layout
     pages = _pages(cache, lay)
+    bf16_products = query.dtype == torch.bfloat16  # a bf16 model: products in bf16, as vLLM's CPU attention has them
     query = _check_query(query, lay, rope)
     if isa is not None and isa not in INSTRUCTION_SETS:
         raise ValueError(f"isa must be one of {', '.join(INSTRUCTION_SETS)}, got {isa!r}")
@@ -149,7 +152,8 @@ def _attention(
         store.key_books[1].float().contiguous(), store.value_books[1].float().contiguous(),
         rope.inv_freq.float().contiguous(), scale * rope.scaling * LOG2E, lay.bits, lay.block_size,
         _section_offsets(lay),
-        lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink, num_splits, isa or "",
+        lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink, bf16_products,
+        num_splits, isa or "",
     )
     return out
 
