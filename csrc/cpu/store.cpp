@@ -74,25 +74,46 @@ struct StoreLayout {
   bool has_sink;
 };
 
+constexpr int MAX_D = 256;
+
 // Number of midpoints of the sorted book below x, the book's nearest entry (torch.bucketize on the midpoints).
-int nearest_code(float x, const float* midpoints, int count) {
+// COUNT is fixed per code width so that the compares unroll without branches.
+template <int COUNT>
+int nearest_code(float x, const float* midpoints) {
   int code = 0;
-  for (int i = 0; i < count; ++i) code += x > midpoints[i];
+  for (int i = 0; i < COUNT; ++i) code += x > midpoints[i];
   return code;
+}
+
+// Codes of n normalised elements, clamped to [-1, 1] first.
+template <int BITS>
+void nearest_codes(const float* x, int n, const float* midpoints, uint8_t* codes) {
+  for (int c = 0; c < n; ++c) {
+    codes[c] = static_cast<uint8_t>(nearest_code<(1 << BITS) - 1>(std::min(std::max(x[c], -1.0f), 1.0f), midpoints));
+  }
+}
+
+void codes_of(int bits, const float* x, int n, const float* midpoints, uint8_t* codes) {
+  if (bits == 2) return nearest_codes<2>(x, n, midpoints, codes);
+  if (bits == 3) return nearest_codes<3>(x, n, midpoints, codes);
+  nearest_codes<4>(x, n, midpoints, codes);
 }
 
 // Codes [d] (each < 2**bits) in bit planes (pack_code_planes) -> out [d * bits / 8] bytes.
 void pack_planes(const uint8_t* codes, int d, int bits, uint8_t* out) {
-  const int low_width = bits == 4 ? 4 : 2, low_words = d * low_width / 32;
-  std::vector<uint32_t> words(static_cast<size_t>(d * bits / 32), 0u);
-  for (int c = 0; c < d; ++c) {
-    words[c % low_words] |= (static_cast<uint32_t>(codes[c]) & ((1u << low_width) - 1)) << ((c / low_words) * low_width);
-    if (bits == 3) {
-      const int high_words = d / 32;
-      words[low_words + c % high_words] |= ((static_cast<uint32_t>(codes[c]) >> 2) & 1u) << (c / high_words);
+  const int low_width = bits == 4 ? 4 : 2, low_words = d * low_width / 32, high_words = d / 32;
+  const uint32_t low_mask = (1u << low_width) - 1;
+  uint32_t words[MAX_D * 4 / 32] = {};
+  // Channel c = k * low_words + w sits in word w at bits k * low_width (no division in the loops).
+  for (int k = 0; k < 32 / low_width; ++k) {
+    for (int w = 0; w < low_words; ++w) words[w] |= (codes[k * low_words + w] & low_mask) << (k * low_width);
+  }
+  if (bits == 3) {  // channel c = k * high_words + w: bit k of high word w
+    for (int k = 0; k < 32; ++k) {
+      for (int w = 0; w < high_words; ++w) words[low_words + w] |= ((codes[k * high_words + w] >> 2) & 1u) << k;
     }
   }
-  std::memcpy(out, words.data(), words.size() * 4);  // little-endian words, as the planes are defined
+  std::memcpy(out, words, static_cast<size_t>(d * bits / 32) * 4);  // little-endian words, as the planes are defined
 }
 
 struct Outlier {
@@ -107,39 +128,41 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
                  const float* value, const float* cos, const float* sin, float inverse_gain, const float* key_scale,
                  const float* key_offset, const float* key_mid, const float* value_mid, int64_t token,
                  std::vector<Outlier>& outliers) {
-  const int d = lay.d, half = d / 2, codes_per = (1 << lay.bits) - 1, packed = d * lay.bits / 8;
-  std::vector<float> pre(static_cast<size_t>(d)), deviation(static_cast<size_t>(d));
-  std::vector<uint8_t> codes(static_cast<size_t>(d));
-  std::vector<char> is_outlier(static_cast<size_t>(d));
+  const int d = lay.d, half = d / 2, packed = d * lay.bits / 8;
+  float pre[MAX_D], normalised[MAX_D], deviation[MAX_D];
+  uint8_t codes[MAX_D];
+  bool is_outlier[MAX_D];
   for (int h = 0; h < lay.num_kv_heads; ++h) {
     uint8_t* seg = page + h * lay.head_stride;
     const float* x = key + h * d;
-    // Keys: (x * cos - rotate_half(x) * sin) * inverse_gain, then (k - offset) / scale.
-    for (int c = 0; c < d; ++c) {
-      const float rotated = c < half ? -x[c + half] : x[c - half];
-      const float turned = x[c] * cos[c] - rotated * sin[c];
-      pre[c] = turned * inverse_gain;
-      const float kn = (pre[c] - key_offset[h * d + c]) / key_scale[h * d + c];
-      if (lay.key_capacity > 0 && std::fabs(kn) > 1.0f && !(lay.has_sink && position == 0)) {
-        outliers.push_back({token, h, c, float_to_half(pre[c])});
+    const float* scale = key_scale + h * d;
+    const float* shift = key_offset + h * d;
+    // Keys: (x * cos - rotate_half(x) * sin) * inverse_gain, then (k - offset) / scale; halves apart so that the
+    // loops have no branch.
+    for (int c = 0; c < half; ++c) pre[c] = (x[c] * cos[c] - (-x[c + half]) * sin[c]) * inverse_gain;
+    for (int c = half; c < d; ++c) pre[c] = (x[c] * cos[c] - x[c - half] * sin[c]) * inverse_gain;
+    for (int c = 0; c < d; ++c) normalised[c] = (pre[c] - shift[c]) / scale[c];
+    if (lay.key_capacity > 0 && !(lay.has_sink && position == 0)) {
+      for (int c = 0; c < d; ++c) {
+        if (std::fabs(normalised[c]) > 1.0f) outliers.push_back({token, h, c, float_to_half(pre[c])});
       }
-      codes[c] = static_cast<uint8_t>(nearest_code(std::min(std::max(kn, -1.0f), 1.0f), key_mid, codes_per));
     }
-    pack_planes(codes.data(), d, lay.bits, seg + lay.key_codes + offset * packed);
+    codes_of(lay.bits, normalised, d, key_mid, codes);
+    pack_planes(codes, d, lay.bits, seg + lay.key_codes + offset * packed);
 
     // Values: the k farthest from the median (the lower one of the middle two) are outliers.
     const float* v = value + h * d;
-    std::copy(v, v + d, deviation.begin());
-    std::nth_element(deviation.begin(), deviation.begin() + (d - 1) / 2, deviation.end());
+    std::copy(v, v + d, deviation);
+    std::nth_element(deviation, deviation + (d - 1) / 2, deviation + d);
     const float median = deviation[(d - 1) / 2];
     for (int c = 0; c < d; ++c) deviation[c] = std::fabs(v[c] - median);
-    std::fill(is_outlier.begin(), is_outlier.end(), 0);
+    std::fill(is_outlier, is_outlier + d, false);
     for (int e = 0; e < lay.value_outliers; ++e) {
       int best = -1;
       for (int c = 0; c < d; ++c) {
         if (!is_outlier[c] && (best < 0 || deviation[c] > deviation[best])) best = c;
       }
-      is_outlier[best] = 1;
+      is_outlier[best] = true;
     }
     float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
     for (int c = 0; c < d; ++c) {
@@ -153,16 +176,16 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
     int e = 0;
     uint16_t* out_val = reinterpret_cast<uint16_t*>(seg + lay.value_out_val) + offset * lay.value_outliers;
     uint8_t* out_idx = seg + lay.value_out_idx + offset * lay.value_outliers;
+    for (int c = 0; c < d; ++c) normalised[c] = (v[c] - value_offset) / value_scale;
+    codes_of(lay.bits, normalised, d, value_mid, codes);
     for (int c = 0; c < d; ++c) {
-      const float vn = (v[c] - value_offset) / value_scale;
-      codes[c] = static_cast<uint8_t>(nearest_code(std::min(std::max(vn, -1.0f), 1.0f), value_mid, codes_per));
       if (is_outlier[c]) {  // in channel order, as the stored index list is
         out_idx[e] = static_cast<uint8_t>(c);
         out_val[e] = float_to_half(v[c]);
         ++e;
       }
     }
-    pack_planes(codes.data(), d, lay.bits, seg + lay.value_codes + offset * packed);
+    pack_planes(codes, d, lay.bits, seg + lay.value_codes + offset * packed);
     reinterpret_cast<uint16_t*>(seg + lay.value_scale)[offset] = scale16;
     reinterpret_cast<uint16_t*>(seg + lay.value_offset)[offset] = offset16;
     if (lay.has_sink && position == 0) {
