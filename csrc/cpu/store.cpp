@@ -17,6 +17,8 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 namespace kvquant_cpu {
@@ -99,21 +101,80 @@ void codes_of(int bits, const float* x, int n, const float* midpoints, uint8_t* 
   nearest_codes<4>(x, n, midpoints, codes);
 }
 
-// Codes [d] (each < 2**bits) in bit planes (pack_code_planes) -> out [d * bits / 8] bytes.
-void pack_planes(const uint8_t* codes, int d, int bits, uint8_t* out) {
-  const int low_width = bits == 4 ? 4 : 2, low_words = d * low_width / 32, high_words = d / 32;
-  const uint32_t low_mask = (1u << low_width) - 1;
-  uint32_t words[MAX_D * 4 / 32] = {};
-  // Channel c = k * low_words + w sits in word w at bits k * low_width (no division in the loops).
-  for (int k = 0; k < 32 / low_width; ++k) {
-    for (int w = 0; w < low_words; ++w) words[w] |= (codes[k * low_words + w] & low_mask) << (k * low_width);
+// Codes [D] (each < 2**BITS) in bit planes (pack_code_planes) -> out [D * BITS / 8] bytes. Template arguments so
+// that the loops unroll.
+template <int BITS, int D>
+void pack_planes(const uint8_t* codes, uint8_t* out) {
+  constexpr int LOW_WIDTH = BITS == 4 ? 4 : 2, LOW_WORDS = D * LOW_WIDTH / 32, HIGH_WORDS = D / 32;
+  constexpr uint32_t LOW_MASK = (1u << LOW_WIDTH) - 1;
+  uint32_t words[D * BITS / 32] = {};
+  // Channel c = k * LOW_WORDS + w sits in word w at bits k * LOW_WIDTH.
+  for (int k = 0; k < 32 / LOW_WIDTH; ++k) {
+    for (int w = 0; w < LOW_WORDS; ++w) words[w] |= (codes[k * LOW_WORDS + w] & LOW_MASK) << (k * LOW_WIDTH);
   }
-  if (bits == 3) {  // channel c = k * high_words + w: bit k of high word w
+  if constexpr (BITS == 3) {  // channel c = k * HIGH_WORDS + w: bit k of high word w
     for (int k = 0; k < 32; ++k) {
-      for (int w = 0; w < high_words; ++w) words[low_words + w] |= ((codes[k * high_words + w] >> 2) & 1u) << k;
+      for (int w = 0; w < HIGH_WORDS; ++w) words[LOW_WORDS + w] |= ((codes[k * HIGH_WORDS + w] >> 2) & 1u) << k;
     }
   }
-  std::memcpy(out, words, static_cast<size_t>(d * bits / 32) * 4);  // little-endian words, as the planes are defined
+  std::memcpy(out, words, sizeof(words));  // little-endian words, as the planes are defined
+}
+
+template <int BITS>
+void pack_planes_bits(const uint8_t* codes, int d, uint8_t* out) {
+  if (d == 64) return pack_planes<BITS, 64>(codes, out);
+  if (d == 128) return pack_planes<BITS, 128>(codes, out);
+  pack_planes<BITS, 256>(codes, out);
+}
+
+void pack_planes(const uint8_t* codes, int d, int bits, uint8_t* out) {
+  if (bits == 2) return pack_planes_bits<2>(codes, d, out);
+  if (bits == 3) return pack_planes_bits<3>(codes, d, out);
+  pack_planes_bits<4>(codes, d, out);
+}
+
+// Batcher's odd-even merge sort network for n inputs (a power of two): the compare-exchange pairs (i < j), in
+// order. Built once per n.
+const std::vector<std::pair<int, int>>& sort_network(int n) {
+  static std::map<int, std::vector<std::pair<int, int>>> networks;
+  static std::mutex guard;
+  std::lock_guard<std::mutex> lock(guard);
+  auto [it, fresh] = networks.try_emplace(n);
+  if (fresh) {
+    for (int p = 1; p < n; p *= 2) {
+      for (int k = p; k >= 1; k /= 2) {
+        for (int j = k % p; j + k < n; j += 2 * k) {
+          for (int i = 0; i < std::min(k, n - j - k); ++i) {
+            if ((i + j) / (2 * p) == (i + j + k) / (2 * p)) it->second.emplace_back(i + j, i + j + k);
+          }
+        }
+      }
+    }
+  }
+  return it->second;
+}
+
+// The lower median (element (d - 1) / 2 in sorted order, as torch.median) of each of `count` rows of d floats.
+// A sorting network over LANES rows at once, one row per lane: no data-dependent branch (a selection by
+// partitioning mispredicts about every other compare on 64 elements, and was most of the store's time).
+void lower_medians(const float* rows, int64_t count, int d, float* out) {
+  constexpr int LANES = 8;
+  const auto& network = sort_network(d);
+  float buffer[MAX_D][LANES];
+  for (int64_t r0 = 0; r0 < count; r0 += LANES) {
+    const int n = static_cast<int>(std::min<int64_t>(LANES, count - r0));
+    for (int c = 0; c < d; ++c) {
+      for (int l = 0; l < LANES; ++l) buffer[c][l] = rows[(r0 + std::min(l, n - 1)) * d + c];
+    }
+    for (const auto& [i, j] : network) {
+      for (int l = 0; l < LANES; ++l) {
+        const float a = buffer[i][l], b = buffer[j][l];
+        buffer[i][l] = std::min(a, b);
+        buffer[j][l] = std::max(a, b);
+      }
+    }
+    for (int l = 0; l < n; ++l) out[r0 + l] = buffer[(d - 1) / 2][l];
+  }
 }
 
 struct Outlier {
@@ -126,8 +187,8 @@ struct Outlier {
 // are returned for the lists.
 void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t position, const float* key,
                  const float* value, const float* cos, const float* sin, float inverse_gain, const float* key_scale,
-                 const float* key_offset, const float* key_mid, const float* value_mid, int64_t token,
-                 std::vector<Outlier>& outliers) {
+                 const float* key_offset, const float* key_mid, const float* value_mid, const float* medians,
+                 int64_t token, std::vector<Outlier>& outliers) {
   const int d = lay.d, half = d / 2, packed = d * lay.bits / 8;
   float pre[MAX_D], normalised[MAX_D], deviation[MAX_D];
   uint8_t codes[MAX_D];
@@ -152,9 +213,7 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
 
     // Values: the k farthest from the median (the lower one of the middle two) are outliers.
     const float* v = value + h * d;
-    std::copy(v, v + d, deviation);
-    std::nth_element(deviation, deviation + (d - 1) / 2, deviation + d);
-    const float median = deviation[(d - 1) / 2];
+    const float median = medians[h];
     for (int c = 0; c < d; ++c) deviation[c] = std::fabs(v[c] - median);
     std::fill(is_outlier, is_outlier + d, false);
     for (int e = 0; e < lay.value_outliers; ++e) {
@@ -165,11 +224,9 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
       is_outlier[best] = true;
     }
     float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
-    for (int c = 0; c < d; ++c) {
-      if (!is_outlier[c]) {
-        hi = std::max(hi, v[c]);
-        lo = std::min(lo, v[c]);
-      }
+    for (int c = 0; c < d; ++c) {  // branch-free: the outliers are rare and anywhere
+      hi = std::max(hi, is_outlier[c] ? -std::numeric_limits<float>::infinity() : v[c]);
+      lo = std::min(lo, is_outlier[c] ? std::numeric_limits<float>::infinity() : v[c]);
     }
     const uint16_t offset16 = float_to_half((hi + lo) / 2), scale16 = float_to_half(std::max((hi - lo) / 2, 1e-4f));
     const float value_offset = half_to_float(offset16), value_scale = half_to_float(scale16);
@@ -254,7 +311,13 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
     value_mid[i] = (value_book.data_ptr<float>()[i + 1] + value_book.data_ptr<float>()[i]) / 2;
   }
 
-  // Dense parts, token by token in parallel; each token's key outliers kept for the lists.
+  // Values' medians first, then the dense parts, token by token in parallel; each token's key outliers kept for
+  // the lists.
+  std::vector<float> medians(static_cast<size_t>(num_tokens * heads));
+  at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+    lower_medians(value.data_ptr<float>() + begin * heads * d, (end - begin) * heads, static_cast<int>(d),
+                  medians.data() + begin * heads);
+  });
   uint8_t* base = pages.data_ptr<uint8_t>();
   std::vector<std::vector<Outlier>> found(static_cast<size_t>(num_tokens));
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
@@ -264,8 +327,8 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
       store_token(lay, page, static_cast<int>(slot[t] % block_size), pos[t], key.data_ptr<float>() + t * heads * d,
                   value.data_ptr<float>() + t * heads * d, cos.data_ptr<float>() + t * cos.stride(0),
                   sin.data_ptr<float>() + t * sin.stride(0), static_cast<float>(inverse_gain),
-                  key_scale.data_ptr<float>(), key_offset.data_ptr<float>(), key_mid.data(), value_mid.data(), t,
-                  found[t]);
+                  key_scale.data_ptr<float>(), key_offset.data_ptr<float>(), key_mid.data(), value_mid.data(),
+                  medians.data() + t * heads, t, found[t]);
     }
   });
   if (key_capacity == 0) return;
