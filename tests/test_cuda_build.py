@@ -99,7 +99,7 @@ def test_cpu_tensors_fail_clearly():
     (dict(rope=torch.zeros(20, 64)), "rope must be a kvquant_vllm.quant.rope.Rope"),
     (dict(rope=Rope.default(128, 10000.0)), "the RoPE rotates 128 channels, the pages hold 64"),
     (dict(cache=torch.zeros(2, 100, dtype=torch.uint8)), "the layout needs"),
-    (dict(cache=torch.zeros(2, 2, 4000, dtype=torch.uint8)[:, :, :3000]), "cache must hold each page contiguously"),
+    (dict(cache=torch.zeros(2, 2, 4000, dtype=torch.uint8)[:, :, :3000]), "the kvquant cache must hold each page contiguously"),
 ])
 def test_invalid_inputs_fail_clearly(change, error):
     inputs = _inputs(**{k: v for k, v in change.items() if k in ("head_dim", "block_size")})

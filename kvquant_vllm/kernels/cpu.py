@@ -159,18 +159,10 @@ def _attention(
 
 
 def _pages(cache: torch.Tensor, layout: PageLayout) -> torch.Tensor:
-    """``cache`` [num_blocks, ...] uint8 on the CPU as [num_blocks, page bytes], each page contiguous."""
+    """``cache`` on the CPU as [num_blocks, page bytes] (:meth:`PageLayout.page_rows`)."""
     if cache.device.type != "cpu":
         raise ValueError(f"the kvquant CPU kernels need CPU tensors, the cache is on {cache.device}")
-    if cache.dtype != torch.uint8:
-        raise TypeError(f"the kvquant cache must be uint8, got {cache.dtype}")
-    try:
-        pages = cache.view(cache.shape[0], -1)
-    except RuntimeError as exc:
-        raise ValueError("the kvquant cache must hold each page contiguously") from exc
-    if pages.shape[1] < layout.page_size_bytes:
-        raise ValueError(f"cache pages hold {pages.shape[1]} bytes, the layout needs {layout.page_size_bytes}")
-    return pages
+    return layout.page_rows(cache)
 
 
 def _check_query(query: torch.Tensor, layout: PageLayout, rope: Rope) -> torch.Tensor:

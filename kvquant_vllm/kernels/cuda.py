@@ -143,14 +143,7 @@ def _check_inputs(
     num_seqs, num_q_heads = query.shape[:2]
     if num_q_heads % lay.num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads are not a multiple of {lay.num_kv_heads} kv heads")
-    if cache.dtype != torch.uint8 or cache.dim() < 2:
-        raise TypeError(f"cache must be a uint8 tensor [num_blocks, ...], got {cache.dtype} {list(cache.shape)}")
-    try:
-        pages = cache.view(cache.shape[0], -1)
-    except RuntimeError as exc:
-        raise ValueError("cache must hold each page contiguously") from exc
-    if pages.shape[1] < lay.page_size_bytes:
-        raise ValueError(f"cache pages hold {pages.shape[1]} bytes, the layout needs {lay.page_size_bytes}")
+    pages = lay.page_rows(cache)
     if pages.data_ptr() % 16 or pages.stride(0) % 16:
         raise ValueError("cache pages must start at 16-byte aligned addresses (the kernel copies 16-byte chunks)")
     if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != num_seqs:

@@ -126,6 +126,19 @@ class PageLayout:
     def page_size_bytes(self) -> int:
         return self.num_kv_heads * self.head_stride
 
+    def page_rows(self, cache: torch.Tensor) -> torch.Tensor:
+        """``cache`` [num_blocks, ...] uint8 as [num_blocks, page bytes], one page per row, after checking that a
+        kernel can read this layout's pages from it (vLLM's [num_blocks, 1, block_size, C] view is fine)."""
+        if cache.dtype != torch.uint8 or cache.dim() < 2:
+            raise TypeError(f"the kvquant cache must be uint8 [num_blocks, ...], got {cache.dtype} {list(cache.shape)}")
+        try:
+            pages = cache.view(cache.shape[0], -1)
+        except RuntimeError as exc:
+            raise ValueError("the kvquant cache must hold each page contiguously") from exc
+        if pages.shape[1] < self.page_size_bytes:
+            raise ValueError(f"cache pages hold {pages.shape[1]} bytes, the layout needs {self.page_size_bytes}")
+        return pages
+
     def view(self, cache: torch.Tensor, name: str) -> torch.Tensor:
         """Section ``name`` of every head of every page of ``cache`` [num_blocks, ...] uint8 (each page
         contiguous, at least page_size_bytes), as [num_blocks, num_kv_heads, *shape] of its dtype (a view:
