@@ -2,6 +2,7 @@
 (AVX-512, AVX2, portable) and the store byte for byte, on the random pages and tokens of
 tests/test_triton_kernels.py."""
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -49,9 +50,9 @@ def test_decode_matches_reference(case, isa, rng):
     query = torch.randn(len(lens), heads * gqa, head_dim, generator=rng)
     scale = head_dim**-0.5
     expected = paged_decode_reference(query, cache, block_table, seq_lens, store, rope, scale)
-    for num_splits in (None, 1, splits, 3):  # split contexts merge to the single pass
+    for split_tokens in (cpu.SPLIT_TOKENS, block_size, splits * block_size):  # splits merge to the single pass
         out = cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, scale,
-                                         num_splits=num_splits, isa=isa)
+                                         split_tokens=split_tokens, isa=isa)
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -66,9 +67,99 @@ def test_prefill_matches_reference(case, isa, rng):
     query = torch.randn(sum(chunks), heads * gqa, head_dim, generator=rng)
     scale = head_dim**-0.5
     expected = paged_attention_reference(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale)
-    out = cpu.paged_prefill_attention(query, cache, block_table.int(), query_start_loc.int(), seq_lens.int(), store,
-                                      rope, scale, isa=isa)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    for split_tokens in (cpu.SPLIT_TOKENS, block_size):
+        out = cpu.paged_prefill_attention(query, cache, block_table.int(), query_start_loc.int(), seq_lens.int(),
+                                          store, rope, scale, split_tokens=split_tokens, isa=isa)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _chunks_call(parts, cache, block_table, store, rope, isa, split_tokens):
+    """One prefill call of the chunks ``parts`` [(request, first position, end position, queries [end - first, Hq,
+    D])], in that order: each chunk's outputs."""
+    sizes = [len(q) for _, _, _, q in parts]
+    starts = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    out = cpu.paged_prefill_attention(torch.cat([q for _, _, _, q in parts]), cache,
+                                      block_table[[r for r, _, _, _ in parts]], starts,
+                                      torch.tensor([end for _, _, end, _ in parts]), store, rope, 0.125,
+                                      split_tokens=split_tokens, isa=isa)
+    return out.split(sizes)
+
+
+def test_a_tokens_attention_depends_on_its_request_alone(isa, rng):
+    """Batch invariance, bit for bit: every token of request 0 gets the same output attended as one prefill chunk
+    alone on one thread, as a decode in a batch of decodes of other lengths, and in chunks cut anywhere beside other
+    requests' chunks (a one-token chunk included) on two threads. Contexts of 10 pages in splits of 4 pages, so that
+    rows before, across and after split boundaries are covered."""
+    lens, split_tokens = (150, 37, 300, 5), 64
+    store, cache, block_table, _, rope = _attention_setup("kvquant3", 16, 2, 64, 3, 0.01, lens, "llama3", rng)
+    queries = [torch.randn(n, 6, 64, generator=rng) for n in lens]
+    n = lens[0]
+    with _threads(1):
+        (alone,) = _chunks_call([(0, 0, n, queries[0])], cache, block_table, store, rope, isa, split_tokens)
+    with _threads(2):
+        # Request 0 at every length 1 .. n in one decode batch, beside decodes of the other requests.
+        rows = [(0, p) for p in range(n)] + [(r, lens[r] - 1) for r in (1, 2, 3)]
+        decoded = cpu.paged_decode_attention(
+            torch.stack([queries[r][p] for r, p in rows]), cache, block_table[[r for r, _ in rows]],
+            torch.tensor([p + 1 for _, p in rows]), store, rope, 0.125, split_tokens=split_tokens, isa=isa)
+        assert torch.equal(decoded[:n], alone)
+        # The same prompt in chunks of 23, 77, 49 and 1 tokens, each call with other requests' chunks around it.
+        cuts, chunked = (0, 23, 100, 149, 150), []
+        for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            other = 1 + i % 3
+            parts = [(other, lens[other] - 3, lens[other], queries[other][-3:]), (0, a, b, queries[0][a:b])]
+            if i % 2:  # request 0 first in the call
+                parts.reverse()
+            outs = _chunks_call(parts, cache, block_table, store, rope, isa, split_tokens)
+            chunked.append(outs[[r for r, _, _, _ in parts].index(0)])
+        assert torch.equal(torch.cat(chunked), alone)
+
+
+def test_stored_bytes_depend_on_the_token_alone(rng):
+    """A request's pages hold the same bytes whether its tokens are stored in one call on one thread, or in chunks
+    cut anywhere, on two threads, with other requests' tokens ahead of and behind them in the call; key outlier
+    lists filled past their capacity included. Each call's RoPE tables come from its own positions, as the
+    backend's metadata builder makes them once per step."""
+    store = _store("kvquant3", 16, 2, 64, rng)
+    rope = ROPES["llama3"](64)
+    lens, cuts = (70, 40, 25), (0, 9, 10, 41, 70)
+    blocks = torch.randperm(15, generator=rng).view(3, 5)
+    tokens = []
+    for n in lens:
+        key, value = _keys_values(store, n, 0.05, rng)
+        pos = torch.arange(n)
+        tokens.append((rope.rotate(key, pos), value))
+    fresh = _random_pages(store, 15, rng)
+
+    def write(cache, parts):  # parts: [(request, first position, end position)], one call
+        pos = torch.cat([torch.arange(a, b) for _, a, b in parts])
+        req = torch.cat([torch.full((b - a,), r) for r, a, b in parts])
+        key = torch.cat([tokens[r][0][a:b] for r, a, b in parts])
+        value = torch.cat([tokens[r][1][a:b] for r, a, b in parts])
+        slots = blocks[req, pos // 16] * 16 + pos % 16
+        cpu.store_tokens(cache, key, value, slots, pos, store, *rope.cos_sin(pos), rope.inverse_gain)
+
+    alone = fresh.clone()
+    with _threads(1):
+        write(alone, [(0, 0, lens[0])])
+    batched = fresh.clone()
+    with _threads(2):
+        write(batched, [(1, 0, 40), (2, 0, 25)])  # the others' pages, so that both caches differ there only
+        for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            other = (1 + i % 2, 0, lens[1 + i % 2])
+            write(batched, [other, (0, a, b)] if i % 2 else [(0, a, b), other])
+    assert int(store.layout.view(alone, "key_out_count")[blocks[0]].max()) == store.layout.key_outlier_capacity
+    assert torch.equal(batched[blocks[0]], alone[blocks[0]])
 
 
 def test_every_side_table_counts(rng):

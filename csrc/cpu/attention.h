@@ -37,7 +37,7 @@ struct Problem {
 };
 
 // One work item: the query heads of one kv head for a run of query tokens of one request, over the pages
-// [page_begin, page_end) of its context (all of them, or one split of a decode's context).
+// [page_begin, page_end) of its context (all of them, or one split of it).
 struct Item {
   const int32_t* blocks;      // the request's block table row
   int64_t first_token;        // index of the first query token in Problem::query

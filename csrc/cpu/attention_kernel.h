@@ -12,8 +12,9 @@
 //      scale + offset, made once per call); then the head's listed outliers (a token-ordered list: one cursor per
 //      page) and the sink at position 0 are written over their elements;
 //   2. RoPE: cos and sin of (t0 + i) x inv_freq compose exact angles of the tile start t0 (per tile) and of the
-//      offsets i < TILE (per call). With few rows the keys turn by i and the queries back by t0 (q . R(t0 + i) k
-//      = (R(t0)^T q) . (R(i) k)); with many, the keys turn by t0 + i and the queries stay;
+//      offsets i < TILE (per call): the keys turn by i and the queries back by t0 (q . R(t0 + i) k =
+//      (R(t0)^T q) . (R(i) k)), for every item alike, so that a row's result does not depend on how many rows
+//      share its item (a decode token, or a block of a chunk that the scheduler cut anywhere);
 //   3. logits of every row against the tile (one FMA per row and channel gives the row's TILE logits), causal
 //      mask, running max and denominator per row;
 //   4. values, channel-major (per token: the codebook scaled and offset by the token's fp16 scale and offset, then
@@ -24,7 +25,6 @@
 #pragma once
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-constexpr int ROTATED_QUERY_ROWS = 8;  // items of at most this many rows turn the queries (step 2)
 
 template <class V>
 struct Blocks {
@@ -228,7 +228,6 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
 
   const int g = pb.gqa, kvh = it.kv_head, bs = pb.block_size;
   const int rows = static_cast<int>(it.num_tokens) * g;
-  const bool turn_queries = rows <= ROTATED_QUERY_ROWS;
   // Rows [0, tile_rows) in blocks of 16 take their products from AMX tiles (bf16 models), the others FMAs.
   int tile_rows = 0;
   if constexpr (V::AMX) tile_rows = pb.bf16_products ? rows / V::TILE_ROWS * V::TILE_ROWS : 0;
@@ -314,12 +313,6 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         for (int b = 0; b < NB; ++b) {
           cos_i[b] = V::load(offset_cos + c * TILE + b * L);
           sin_i[b] = V::load(offset_sin + c * TILE + b * L);
-          if (!turn_queries) {  // the angles (t0 + i) x f
-            const F c0 = V::set1(rope[c]), s0 = V::set1(rope[HALF + c]);
-            const F cos_t = V::fmsub(c0, cos_i[b], V::mul(s0, sin_i[b]));
-            sin_i[b] = V::fmadd(s0, cos_i[b], V::mul(c0, sin_i[b]));
-            cos_i[b] = cos_t;
-          }
           float* lo_ptr = keys + c * TILE + b * L;
           float* hi_ptr = keys + (c + HALF) * TILE + b * L;
           const F lo = V::load(lo_ptr), hi = V::load(hi_ptr);
@@ -327,30 +320,26 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
           V::store(hi_ptr, V::fmadd(hi, cos_i[b], V::mul(lo, sin_i[b])));
         }
       }
-      const float* q_tile = q;
-      if (turn_queries) {  // R(t0)^T q
-        for (int r = 0; r < rows; ++r) {
-          for (int h = 0; h < NH; ++h) {
-            const F c0 = V::load(rope + h * L), s0 = V::load(rope + HALF + h * L);
-            const F lo = V::load(q + r * D + h * L), hi = V::load(q + r * D + HALF + h * L);
-            V::store(q_turned + r * D + h * L, V::fmadd(lo, c0, V::mul(hi, s0)));
-            V::store(q_turned + r * D + HALF + h * L, V::fmsub(hi, c0, V::mul(lo, s0)));
-          }
+      for (int r = tile_rows; r < rows; ++r) {  // R(t0)^T q (tile rows: the keys turn by t0 instead, below)
+        for (int h = 0; h < NH; ++h) {
+          const F c0 = V::load(rope + h * L), s0 = V::load(rope + HALF + h * L);
+          const F lo = V::load(q + r * D + h * L), hi = V::load(q + r * D + HALF + h * L);
+          V::store(q_turned + r * D + h * L, V::fmadd(lo, c0, V::mul(hi, s0)));
+          V::store(q_turned + r * D + HALF + h * L, V::fmsub(hi, c0, V::mul(lo, s0)));
         }
-        q_tile = q_turned;
       }
 
       // ---- 3. logits and online softmax
       if constexpr (V::AMX) {
         if (tile_rows) {
-          V::template keys_to_pairs<D>(keys, key_pairs);
+          V::template turned_keys_to_pairs<D>(keys, rope, key_pairs);
           for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
             V::template tile_scores<D>(q16 + r0 * D, key_pairs, p + r0 * TILE);
           }
         }
       }
       for (int r0 = tile_rows; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
-        score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_tile + r0 * D, keys, p + r0 * TILE);
+        score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_turned + r0 * D, keys, p + r0 * TILE);
       }
       int max_visible = 0;
       for (int r = 0; r < rows; ++r) {

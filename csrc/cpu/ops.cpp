@@ -1,5 +1,5 @@
 // The torch op `kvquant_cpu::paged_attention`: checks, work items, the instruction set chosen at run time, the
-// threads (at::parallel_for), and the merge of a decode's context splits. The kernels are in attention_*.cpp.
+// threads (at::parallel_for), and the merge of context splits. The kernels are in attention_*.cpp.
 //
 // The Python wrapper (kvquant_vllm/kernels/cpu.py) validates what a user passes and fills the page layout from
 // PageLayout; the checks here keep a direct call of the op from reading out of bounds.
@@ -99,6 +99,13 @@ std::vector<int64_t> to_vector(const at::Tensor& t, const char* name, int64_t si
   return std::vector<int64_t>(v.data_ptr<int64_t>(), v.data_ptr<int64_t>() + size);
 }
 
+// Where a request whose context attends in splits keeps its partial results (offsets in floats).
+struct SplitRequest {
+  int64_t num_splits = 0;  // ceil(pages / split_pages); the buffers below only when > 1
+  int64_t partial = 0;     // into the partial outputs: [num_splits, query tokens, q heads, D]
+  int64_t stats = 0;       // into the stats: [2 (max, sum), num_splits, query tokens, q heads]
+};
+
 // Runs every item on at::parallel_for's threads, each thread taking the next item as it finishes one (items
 // differ in cost: a prefill block late in a long prompt attends to many more keys than an early one).
 void run_items(const Kernels& kernels, const Problem& pb, const std::vector<Item>& items, int64_t max_rows) {
@@ -121,13 +128,13 @@ void run_items(const Kernels& kernels, const Problem& pb, const std::vector<Item
 // query_start_loc [num_reqs + 1], seq_lens [num_reqs] (context + chunk; integer), key_scale / key_offset
 // [H, D], key_book / value_book [2**bits], inv_freq [D / 2] float32. sections: PageLayout.sections() offsets in
 // the order of `Sections`. bf16_products: the model computes in bf16, so products may round to bf16 (AMX tiles).
-// num_splits > 1 splits each request's pages (decode only: one query token per request).
+// split_pages: a context of more pages attends in splits of that many pages, merged.
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& key_scale,
                      const at::Tensor& key_offset, const at::Tensor& key_book, const at::Tensor& value_book,
                      const at::Tensor& inv_freq, double logit_scale, int64_t bits, int64_t block_size,
                      at::IntArrayRef sections, int64_t head_stride, int64_t key_capacity, int64_t value_outliers,
-                     bool sink, bool bf16_products, int64_t num_splits, const std::string& isa) {
+                     bool sink, bool bf16_products, int64_t split_pages, const std::string& isa) {
   TORCH_CHECK(query.device().is_cpu() && query.scalar_type() == at::kFloat && query.dim() == 3 && query.stride(2) == 1,
               "kvquant CPU attention: query must be a float32 CPU tensor [tokens, heads, D] with its last dim "
               "contiguous, got ", query.scalar_type(), " ", query.sizes());
@@ -162,7 +169,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   const int64_t num_reqs = block_table.size(0);
   const std::vector<int64_t> starts = to_vector(query_start_loc, "query_start_loc", num_reqs + 1);
   const std::vector<int64_t> lengths = to_vector(seq_lens, "seq_lens", num_reqs);
-  TORCH_CHECK(num_splits >= 1, "kvquant CPU attention: num_splits must be at least 1");
+  TORCH_CHECK(split_pages >= 1, "kvquant CPU attention: split_pages must be at least 1");
   TORCH_CHECK(starts[0] == 0 && starts[num_reqs] <= num_tokens, "kvquant CPU attention: query_start_loc must start at "
               "0 and end within the ", num_tokens, " query tokens");
 
@@ -209,18 +216,12 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   const int64_t out_stride = num_q_heads * d;
   out.zero_();  // rows of empty requests stay 0
 
-  // A decode split into partial results [splits, tokens, q heads, D] with their max and sum, merged below.
-  const bool split = num_splits > 1;
-  at::Tensor partial, stats;
-  if (split) {
-    partial = at::empty({num_splits, num_tokens, num_q_heads, d}, query.options());
-    stats = at::full({2, num_splits, num_tokens, num_q_heads}, 0.0f, query.options());
-    stats[0].fill_(-std::numeric_limits<float>::infinity());
-  }
-
-  std::vector<Item> items;
-  int64_t max_rows = 0;
-  const int64_t block_q = std::max<int64_t>(1, PREFILL_ROWS / gqa);
+  // A context of more than split_pages pages attends in splits of split_pages pages, into partial results with
+  // their max and sum, merged below in split order. The splits are fixed page ranges of the request's own context,
+  // the same for a decode token and for the rows of a prefill chunk: what a row computes depends on its request
+  // alone, never on the batch around it, the chunking of its prompt or the thread count.
+  std::vector<SplitRequest> splits(static_cast<size_t>(num_reqs));
+  int64_t partial_floats = 0, stat_floats = 0;
   for (int64_t r = 0; r < num_reqs; ++r) {
     const int64_t q_len = starts[r + 1] - starts[r], seq_len = lengths[r];
     TORCH_CHECK(q_len >= 0, "kvquant CPU attention: query_start_loc must not decrease");
@@ -235,67 +236,104 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
       TORCH_CHECK(blocks[i] >= 0 && blocks[i] < num_blocks, "kvquant CPU attention: block id ", blocks[i],
                   " of request ", r, " is outside the ", num_blocks, " pages");
     }
-    TORCH_CHECK(!split || q_len == 1, "kvquant CPU attention: num_splits > 1 needs one query token per request");
+    SplitRequest& sr = splits[r];
+    sr.num_splits = (num_pages + split_pages - 1) / split_pages;
+    if (sr.num_splits > 1) {
+      sr.partial = partial_floats;
+      sr.stats = stat_floats;
+      partial_floats += sr.num_splits * q_len * num_q_heads * d;
+      stat_floats += 2 * sr.num_splits * q_len * num_q_heads;
+    }
+  }
+  // partial [splits, q_len, q heads, D] and stats [2 (max, sum), splits, q_len, q heads] of each split request;
+  // a split that a row does not reach keeps max -inf and is skipped by the merge.
+  const at::Tensor partial = at::empty({partial_floats}, query.options());
+  const at::Tensor stats = at::full({stat_floats}, -std::numeric_limits<float>::infinity(), query.options());
+
+  std::vector<Item> items;
+  int64_t max_rows = 0;
+  const int64_t block_q = std::max<int64_t>(1, PREFILL_ROWS / gqa);
+  for (int64_t r = 0; r < num_reqs; ++r) {
+    const int64_t q_len = starts[r + 1] - starts[r], seq_len = lengths[r];
+    if (q_len == 0 || seq_len == 0) continue;
+    const SplitRequest& sr = splits[r];
     const int64_t first_pos = seq_len - q_len;
     for (int64_t q0 = 0; q0 < q_len; q0 += block_q) {
       const int64_t count = std::min(block_q, q_len - q0);
       max_rows = std::max(max_rows, count * gqa);
       const int64_t token = starts[r] + q0;
-      const int64_t pages_per_split = (num_pages + num_splits - 1) / num_splits;
+      const int64_t pages_seen = (first_pos + q0 + count + block_size - 1) / block_size;  // by the block's last row
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        for (int64_t s = 0; s < num_splits && s * pages_per_split < num_pages; ++s) {
+        for (int64_t s = 0; s * split_pages < pages_seen; ++s) {
           Item it{};
-          it.blocks = blocks;
+          it.blocks = table + r * block_table.stride(0);
           it.first_token = token;
           it.num_tokens = count;
           it.first_position = first_pos + q0;
-          it.page_begin = s * pages_per_split;
-          it.page_end = std::min(num_pages, (s + 1) * pages_per_split);
+          it.page_begin = s * split_pages;
+          it.page_end = std::min(pages_seen, (s + 1) * split_pages);
           it.kv_head = static_cast<int>(h);
-          it.out_stride_token = out_stride;
-          if (split) {
-            it.out = partial.data_ptr<float>() + ((s * num_tokens + token) * num_q_heads + h * gqa) * d;
-            it.max_out = stats.data_ptr<float>() + (s * num_tokens + token) * num_q_heads + h * gqa;
-            it.sum_out = it.max_out + num_splits * num_tokens * num_q_heads;
+          if (sr.num_splits > 1) {
+            const int64_t row = (s * q_len + q0) * num_q_heads + h * gqa;
+            it.out = partial.data_ptr<float>() + sr.partial + row * d;
+            it.out_stride_token = num_q_heads * d;
+            it.max_out = stats.data_ptr<float>() + sr.stats + row;
+            it.sum_out = it.max_out + sr.num_splits * q_len * num_q_heads;
             it.stat_stride_token = num_q_heads;
           } else {
             it.out = out_ptr + token * out_stride + h * gqa * d;
+            it.out_stride_token = out_stride;
           }
           items.push_back(it);
         }
       }
     }
   }
-  // Longest first, so that the last items to start are short ones.
-  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) {
-    return (a.first_position + a.num_tokens) * a.num_tokens > (b.first_position + b.num_tokens) * b.num_tokens;
-  });
+  // Most keys first, so that the last items to start are short ones (the order changes no result).
+  auto keys_attended = [block_size](const Item& it) {
+    const int64_t end = std::min(it.page_end * block_size, it.first_position + it.num_tokens);
+    return (end - it.page_begin * block_size) * it.num_tokens;
+  };
+  std::stable_sort(items.begin(), items.end(),
+                   [&](const Item& a, const Item& b) { return keys_attended(a) > keys_attended(b); });
   run_items(kernels, pb, items, max_rows);
 
-  if (split) {  // out = sum_s w_s out_s / sum_s w_s, w_s = sum_s x 2**(max_s - max)
-    const float* part = partial.data_ptr<float>();
-    const float* maxes = stats.data_ptr<float>();
-    const float* sums = maxes + num_splits * num_tokens * num_q_heads;
-    const int64_t rows = num_tokens * num_q_heads, split_stride = rows;
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
+  // out = sum_s w_s out_s / sum_s w_s, w_s = sum_s x 2**(max_s - max), over the splits in order; a row that only
+  // its first split reaches takes that split's result as it is, as it would unsplit.
+  at::parallel_for(0, num_reqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const SplitRequest& sr = splits[r];
+      if (sr.num_splits <= 1) continue;
+      const int64_t rows = (starts[r + 1] - starts[r]) * num_q_heads;  // a split's rows, [q_len, q heads]
+      const float* part = partial.data_ptr<float>() + sr.partial;
+      const float* maxes = stats.data_ptr<float>() + sr.stats;
+      const float* sums = maxes + sr.num_splits * rows;
+      for (int64_t row = 0; row < rows; ++row) {
+        float* o = out_ptr + (starts[r] * num_q_heads + row) * d;
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < num_splits; ++s) top = std::max(top, maxes[s * split_stride + row]);
-        if (top == -std::numeric_limits<float>::infinity()) continue;  // an empty request: zeros
+        int64_t live = 0;
+        for (int64_t s = 0; s < sr.num_splits; ++s) {
+          const float m = maxes[s * rows + row];
+          live += m != -std::numeric_limits<float>::infinity();
+          top = std::max(top, m);
+        }
+        if (live == 1) {  // split 0, the only one a row before the second split sees
+          std::memcpy(o, part + row * d, static_cast<size_t>(d) * sizeof(float));
+          continue;
+        }
         float total = 0.0f;
-        float* o = out_ptr + row * d;
-        for (int64_t s = 0; s < num_splits; ++s) {
-          const float m = maxes[s * split_stride + row];
+        for (int64_t s = 0; s < sr.num_splits; ++s) {
+          const float m = maxes[s * rows + row];
           if (m == -std::numeric_limits<float>::infinity()) continue;
-          const float w = sums[s * split_stride + row] * std::exp2(m - top);
+          const float w = sums[s * rows + row] * std::exp2(m - top);
           total += w;
-          const float* src = part + (s * split_stride + row) * d;
+          const float* src = part + (s * rows + row) * d;
           for (int64_t c = 0; c < d; ++c) o[c] += w * src[c];
         }
         for (int64_t c = 0; c < d; ++c) o[c] /= total;
       }
-    });
-  }
+    }
+  });
 }
 
 }  // namespace
@@ -305,7 +343,7 @@ TORCH_LIBRARY(kvquant_cpu, m) {
       "paged_attention(Tensor(a!) out, Tensor query, Tensor pages, Tensor block_table, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, Tensor inv_freq, "
       "float logit_scale, int bits, int block_size, int[] sections, int head_stride, int key_capacity, "
-      "int value_outliers, bool sink, bool bf16_products, int num_splits, str isa) -> ()");
+      "int value_outliers, bool sink, bool bf16_products, int split_pages, str isa) -> ()");
   m.def("best_isa() -> str", &best_isa);
 }
 

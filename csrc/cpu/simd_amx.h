@@ -52,10 +52,20 @@ struct Amx : Avx512 {
     _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(order, halves));
   }
 
-  // Keys of a tile, [D, 16] fp32 (keys[c * 16 + i]) -> [D / 2, 16, 2] bf16: channel pairs (2j, 2j + 1) per key.
+  // Keys of a tile turned by i (RoPE of the offsets in the tile), [D, 16] fp32 (keys[c * 16 + i]), turned further
+  // by the tile start (rope: cos, sin of t0 x inv_freq, [D]) -> [D / 2, 16, 2] bf16: channel pairs (2j, 2j + 1) per
+  // key. The tile rows then multiply unturned queries; bf16 products are not bit-equal to the float32 rows anyway.
   template <int D>
-  static void keys_to_pairs(const float* keys, uint16_t* pairs) {
-    for (int j = 0; j < D / 2; ++j) store_pairs(pairs + j * 32, _mm512_loadu_ps(keys + 2 * j * 16), _mm512_loadu_ps(keys + (2 * j + 1) * 16));
+  static void turned_keys_to_pairs(const float* keys, const float* rope, uint16_t* pairs) {
+    constexpr int HALF = D / 2;
+    auto turned = [&](int c) {  // channel c of R(t0) k
+      const int f = c % HALF;
+      const F k = _mm512_loadu_ps(keys + c * 16), partner = _mm512_loadu_ps(keys + (c < HALF ? c + HALF : c - HALF) * 16);
+      const F cos0 = _mm512_set1_ps(rope[f]), sin0 = _mm512_set1_ps(rope[HALF + f]);
+      return c < HALF ? _mm512_fmsub_ps(k, cos0, _mm512_mul_ps(partner, sin0))
+                      : _mm512_fmadd_ps(k, cos0, _mm512_mul_ps(partner, sin0));
+    };
+    for (int j = 0; j < D / 2; ++j) store_pairs(pairs + j * 32, turned(2 * j), turned(2 * j + 1));
   }
 
   // Values of a tile, [16, D] fp32 -> [D / 16, 8, 16, 2] bf16: key pairs (2i, 2i + 1) per channel, 16 channels a block.

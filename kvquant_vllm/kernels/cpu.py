@@ -12,7 +12,13 @@ The op picks the widest instruction set the CPU has at run time: AMX (AVX-512 wi
 (with FMA and F16C), or portable C++; ``isa=`` forces one. For a bf16 model (bf16 queries) the AMX kernels take the
 products of prefill blocks from bf16 tiles, as vLLM's own CPU attention does; other queries are attended in
 float32. Work is spread over torch's intra-op threads (``torch.get_num_threads()``): one item per (request, block
-of query tokens, kv head, split of a decode's context). Nothing here imports vLLM.
+of query tokens, kv head, split of the context). Nothing here imports vLLM.
+
+Batch invariance: a query token's result depends on its request alone (its pages, its position, its query), bit
+for bit, never on the other requests of the call, on how vLLM chunked the prompt or on the thread count. A context
+is split at fixed page ranges of :data:`SPLIT_TOKENS` (the same for a decode token and for a prefill chunk's rows,
+merged in split order), and every row runs the same arithmetic whatever the size of its work item. So greedy
+outputs under load are those of the request alone, as far as the K, V and queries vLLM hands over are.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ logger = logging.getLogger(__name__)
 INSTRUCTION_SETS = ("amx", "avx512", "avx2", "scalar")  # widest first
 HEAD_DIMS = (64, 128, 256)
 LOG2E = math.log2(math.e)
-SPLITS_PER_THREAD = 4  # decode: at least this many work items per thread, splitting contexts if need be
+# Contexts attend in splits of this many tokens (whole pages, at least one): enough items for every thread with
+# few long requests; short contexts (the decode batches of a busy server) run unsplit, without a merge.
+SPLIT_TOKENS = 1024
 
 
 @functools.cache
@@ -64,7 +72,7 @@ def instruction_set() -> str:
 
 def paged_decode_attention(
     query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor,
-    store: PagedKVQuant, rope: Rope, scale: float, num_splits: int | None = None, isa: str | None = None,
+    store: PagedKVQuant, rope: Rope, scale: float, split_tokens: int = SPLIT_TOKENS, isa: str | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per sequence over its kvquant pages (the contract of
     :func:`kvquant_vllm.kernels.reference.paged_decode_reference`).
@@ -72,21 +80,18 @@ def paged_decode_attention(
     query: [num_seqs, num_q_heads, D] float32/bf16/fp16, post-RoPE, the token at position seq_len - 1; cache:
     [num_blocks, ...] uint8 pages of ``store``'s layout, each page contiguous; block_table: [num_seqs,
     max_blocks] int32/int64; seq_lens: [num_seqs] (tokens attended, the current one included; 0 gives zeros);
-    num_splits: splits of each context (None: enough work items for every thread); isa: force an instruction
-    set of :data:`INSTRUCTION_SETS` (None: the widest this CPU has).
+    split_tokens: a context attends in splits of this many tokens, rounded down to whole pages (at least one);
+    isa: force an instruction set of :data:`INSTRUCTION_SETS` (None: the widest this CPU has).
     Returns [num_seqs, num_q_heads, D] float32.
     """
-    num_seqs = query.shape[0]
-    if num_splits is None:
-        work = num_seqs * store.layout.num_kv_heads
-        num_splits = min(math.ceil(SPLITS_PER_THREAD * torch.get_num_threads() / max(work, 1)), block_table.shape[1])
-    starts = torch.arange(num_seqs + 1)
-    return _attention(query, cache, block_table, starts, seq_lens, store, rope, scale, max(1, num_splits), isa)
+    starts = torch.arange(query.shape[0] + 1)
+    return _attention(query, cache, block_table, starts, seq_lens, store, rope, scale, split_tokens, isa)
 
 
 def paged_prefill_attention(
     query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, store: PagedKVQuant, rope: Rope, scale: float, isa: str | None = None,
+    seq_lens: torch.Tensor, store: PagedKVQuant, rope: Rope, scale: float, split_tokens: int = SPLIT_TOKENS,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """Causal attention of chunks of query tokens over their requests' kvquant pages, the chunks already stored
     (the contract of :func:`kvquant_vllm.kernels.reference.paged_attention_reference`).
@@ -96,7 +101,7 @@ def paged_prefill_attention(
     last token is at position seq_len - 1); other arguments as :func:`paged_decode_attention`.
     Returns [num_tokens, num_q_heads, D] float32.
     """
-    return _attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale, 1, isa)
+    return _attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale, split_tokens, isa)
 
 
 def store_tokens(
@@ -133,7 +138,7 @@ def _section_offsets(layout: PageLayout) -> list[int]:
 
 def _attention(
     query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, store: PagedKVQuant, rope: Rope, scale: float, num_splits: int, isa: str | None,
+    seq_lens: torch.Tensor, store: PagedKVQuant, rope: Rope, scale: float, split_tokens: int, isa: str | None,
 ) -> torch.Tensor:
     lay = store.layout
     pages = _pages(cache, lay)
@@ -153,7 +158,7 @@ def _attention(
         rope.inv_freq.float().contiguous(), scale * rope.scaling * LOG2E, lay.bits, lay.block_size,
         _section_offsets(lay),
         lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink, bf16_products,
-        num_splits, isa or "",
+        max(1, split_tokens // lay.block_size), isa or "",
     )
     return out
 
