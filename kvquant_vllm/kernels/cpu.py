@@ -17,8 +17,8 @@ of query tokens, kv head, split of the context). Nothing here imports vLLM.
 Batch invariance: a query token's result depends on its request alone (its pages, its position, its query), bit
 for bit, never on the other requests of the call, on how vLLM chunked the prompt or on the thread count. A context
 is split at fixed page ranges of :data:`SPLIT_TOKENS` (the same for a decode token and for a prefill chunk's rows,
-merged in split order), and every row runs the same arithmetic whatever the size of its work item. So greedy
-outputs under load are those of the request alone, as far as the K, V and queries vLLM hands over are.
+merged in split order), and every row runs the same arithmetic whatever the size of its work item. Outputs under
+load then differ from those of the request alone only where the queries, keys and values that vLLM hands over do.
 """
 
 from __future__ import annotations
