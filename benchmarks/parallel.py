@@ -10,20 +10,27 @@ argmax on the text is tp1's, the greedy continuations that differ from tp1's (wh
 it was there), and the per-rank KV capacity (vLLM's count, the smallest over ranks) with
 its ratio to `auto` of the same layout.
 
-    python -P benchmarks/parallel.py --model smollm2-135m --calibration CAL --windows 16 --seq-len 1024
+The band that the differences are read against is measured in the same run, on the same text: the tp1 engine of
+each dtype computes the windows again --noise-seeds times with the output of every row-parallel layer (the sums that
+tensor parallelism splits over ranks) multiplied by 1 + --noise x N(0, 1), a few float32 ulps: as much as the
+rounding of TP's split reductions changes a one-rank engine (see
+:func:`kvquant_vllm.eval.engine_compare.perturb_reductions`).
+
+    python -P benchmarks/parallel.py --model smollm2-135m --calibration CAL --windows 16 --seq-len 1024 \
+        --notes benchmarks/notes/parallel-cpu.md
 
 (``-P``: not this directory on the import path, where kernels.py would stand in for the ``kernels`` package that
 transformers looks for.)
 
 Ranks share this machine's cores (``VLLM_CPU_OMP_THREADS_BIND``, one entry per rank); the Ray layouts run
-on a local Ray cluster with a CPU per rank, which vLLM's engine process joins through RAY_ADDRESS. The noise
-against which the perplexity differences are read (the harness's kvquant3 perplexity under 1e-6 key noise) is
-taken from results/engine-equality.json.
+on a local Ray cluster with a CPU per rank, which vLLM's engine process joins through RAY_ADDRESS. The harness's
+kvquant3 perplexity under 1e-6 key noise (results/engine-equality.json) is quoted beside the measured band.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -38,7 +45,7 @@ from kvquant_vllm.calib.file import default_calibration_path, read_calibration
 from kvquant_vllm.data import load_text
 from kvquant_vllm.engine import kv_capacity_tokens, shutdown
 from kvquant_vllm.eval.engine_compare import (argmax_agreement, first_divergence, greedy_with_logprobs,
-                                              prompt_nll_and_argmax)
+                                              perturb_reductions, prompt_nll_and_argmax)
 from kvquant_vllm.eval.perplexity import make_windows, tokenize
 from kvquant_vllm.fsutil import atomic_write_text
 from kvquant_vllm.models import resolve_model
@@ -71,23 +78,33 @@ def engine(model_dir: str, layout: Layout, dtype: str, model_dtype: str, max_mod
 
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = layout.threads
     extra = {"additional_config": {"kvquant_calibration": calibration}} if calibration and dtype != "auto" else {}
+    # No prefix caching: tp1 computes the same windows again under rounding-sized noise, every token anew.
     return LLM(model=model_dir, kv_cache_dtype=dtype, dtype=model_dtype, enforce_eager=True, seed=0,
                max_model_len=max_model_len, max_num_batched_tokens=max_model_len, kv_cache_memory_bytes=kv_bytes,
-               **layout.engine_args, **extra)
+               enable_prefix_caching=False, **layout.engine_args, **extra)
 
 
 def measure(model_dir: str, layout: Layout, dtype: str, windows: torch.Tensor, args: argparse.Namespace) -> dict:
     """Perplexity and argmax tokens of ``windows``, greedy continuations (with their top-2 logprobs) and capacity of
-    one fp32 engine."""
+    one fp32 engine; for tp1 also the perplexity and argmax tokens of the windows under rounding-sized noise, one
+    pass per seed."""
     from vllm.inputs import TokensPrompt
 
     llm = engine(model_dir, layout, dtype, "float32", windows.shape[1] + 1, args.kv_cache_mib << 20, args.calibration)
     try:
         nll, count, argmax = prompt_nll_and_argmax(llm, windows)
         prompts = [TokensPrompt(prompt_token_ids=w[: args.prompt_len].tolist()) for w in windows]
-        return {"layout": layout.name, "dtype": dtype, "ranks": layout.ranks, "ppl": math.exp(nll / count),
-                "tokens": count, "argmax": argmax, "greedy": greedy_with_logprobs(llm, prompts, args.new_tokens),
-                "capacity_tokens": kv_capacity_tokens(llm)}
+        row = {"layout": layout.name, "dtype": dtype, "ranks": layout.ranks, "ppl": math.exp(nll / count),
+               "tokens": count, "argmax": argmax, "greedy": greedy_with_logprobs(llm, prompts, args.new_tokens),
+               "capacity_tokens": kv_capacity_tokens(llm)}
+        if layout.name == "tp1":
+            row["noisy"] = []
+            for seed in range(1, args.noise_seeds + 1):
+                llm.apply_model(functools.partial(perturb_reductions, seed=seed, relative=args.noise))
+                nll, _, argmax = prompt_nll_and_argmax(llm, windows)
+                row["noisy"].append({"seed": seed, "ppl": math.exp(nll / count), "argmax": argmax})
+            llm.apply_model(functools.partial(perturb_reductions, seed=None, relative=args.noise))
+        return row
     finally:
         shutdown(llm)
 
@@ -113,6 +130,9 @@ def compare(rows: list[dict], auto_bf16: dict[str, int]) -> None:
         r["greedy_differ_fraction"] = len(parted) / len(r["greedy"])
         r["greedy_first_divergence"] = parted  # (step, nats by which tp1 preferred its own token there)
         r["capacity_vs_auto_bf16"] = r["capacity_tokens"] / auto_bf16[r["layout"]]
+        for noisy in r.get("noisy", []):  # tp1 against itself under rounding-sized noise
+            noisy["ppl_vs_tp1"] = noisy["ppl"] / r["ppl"] - 1
+            noisy["argmax_agreement_with_tp1"] = argmax_agreement(noisy.pop("argmax"), r["argmax"])
         if r["layout"] in auto_fp32:
             r["capacity_vs_auto_fp32"] = r["capacity_tokens"] / auto_fp32[r["layout"]]
 
@@ -149,11 +169,30 @@ def to_markdown(payload: dict) -> str:
         "tie that rounding decided; the quantized model is chaotic, and after that step the texts differ). Layouts: "
         "`tp3` 3 tensor-parallel ranks (one of SmolLM2's 3 kv heads each), `pp2` 2 pipeline stages (15 layers "
         "each), `tp3-ray` `tp3` on vLLM's Ray executor; all on this machine's cores in turn. Differences are "
-        "against `tp1` of the same dtype from the same run. For scale, a 1e-6 perturbation of the keys moves the "
-        f"harness's kvquant3 perplexity by {payload['key_noise_band']} (`engine-equality.md`). Capacity: vLLM's "
+        "against `tp1` of the same dtype from the same run. Capacity: vLLM's "
         "count per rank (the smallest over ranks), against `auto` of the same layout in bf16 (capacity-only "
         f"engines: {auto}) and in fp32.\n\n"
-        f"Command: `{payload['command']}`\n\n" + "\n".join(lines) + "\n"
+        f"Command: `{payload['command']}`\n\n" + "\n".join(lines) + "\n" + band_markdown(payload)
+    )
+
+
+def band_markdown(payload: dict) -> str:
+    """The rounding band of every dtype whose tp1 ran under noise, as a table with its reading ('' if none did)."""
+    rows = [r for r in payload["results"] if r.get("noisy")]
+    if not rows:
+        return ""
+    lines = ["| kv cache dtype | seeds | ppl vs tp1 | argmax on the text = tp1's |", "|---|---:|---:|---:|"]
+    for r in rows:
+        ppl = [100 * n["ppl_vs_tp1"] for n in r["noisy"]]
+        agree = [100 * n["argmax_agreement_with_tp1"] for n in r["noisy"]]
+        lines.append(f"| {r['dtype']} | {len(ppl)} | {min(ppl):+.3f} % .. {max(ppl):+.3f} % "
+                     f"| {min(agree):.2f} % .. {max(agree):.2f} % |")
+    return (
+        "\nThe rounding band: the `tp1` engine of each dtype on the same windows again, the output of every "
+        "row-parallel layer (o_proj, down_proj: the sums that TP splits over ranks) multiplied by "
+        f"1 + {payload['noise']:g} x N(0, 1), one pass per seed, against its own plain pass. For scale also: 1e-6 "
+        f"Gaussian noise on the keys moves the harness's kvquant3 perplexity by {payload['key_noise_band']} on "
+        "16 x 1024 tokens (`engine-equality.md`).\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -170,11 +209,16 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--kv-cache-mib", type=int, default=256, help="KV cache budget per rank")
+    p.add_argument("--noise-seeds", type=int, default=4, help="passes of tp1 under rounding-sized noise, per dtype")
+    p.add_argument("--noise", type=float, default=3e-7,
+                   help="relative std of the noise on every row-parallel layer's output (3e-7: ~2.5 float32 ulps)")
+    p.add_argument("--notes", type=Path, help="markdown file appended under the tables (the reading of them)")
     args = p.parse_args()
     layouts = [LAYOUTS[name] for name in args.layouts.split(",")]
     if layouts[0].name != "tp1":
         raise SystemExit("--layouts must start with tp1, the reference")
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the per-rank budget
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # apply_model ships the noise hook to the workers by pickle
 
     from transformers import AutoTokenizer
 
@@ -205,11 +249,12 @@ def main() -> None:
                               f"{info.get('seq_len', '?')}",
                "text": args.text, "windows": int(windows.shape[0]), "seq_len": args.seq_len,
                "tokens": rows[0]["tokens"], "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-               "kv_cache_mib": args.kv_cache_mib, "key_noise_band": noise_band(RESULTS / "engine-equality.json"),
+               "kv_cache_mib": args.kv_cache_mib, "noise": args.noise,
+               "key_noise_band": noise_band(RESULTS / "engine-equality.json"),
                "auto_bf16_capacity_tokens": auto_bf16, "results": rows}
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(payload, indent=2) + "\n")
-    markdown = to_markdown(payload)
+    markdown = to_markdown(payload) + (f"\n{args.notes.read_text()}" if args.notes else "")
     atomic_write_text(RESULTS / f"{args.name}.md", markdown)
     print(markdown)
 

@@ -11,9 +11,12 @@ import sys
 import pytest
 import torch
 
+from calib_helpers import random_calibration
 from kvquant_vllm.kernels import ENV_VAR, cpu, cpu_build, kernel_backend
 from kvquant_vllm.kernels.reference import paged_attention_reference, paged_decode_reference
+from kvquant_vllm.quant.kvquant import kvquant_methods
 from kvquant_vllm.quant.paged import PageLayout
+from kvquant_vllm.quant.pagestore import PagedKVQuant
 import test_triton_kernels as triton_tests
 from test_triton_kernels import (
     ATTENTION_CASES,
@@ -349,3 +352,44 @@ def test_imports_without_vllm():
     code = "import sys, kvquant_vllm.kernels.cpu; assert 'vllm' not in sys.modules, 'vllm was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("heads", [range(0, 1), range(1, 2), range(2, 3)])
+def test_a_tensor_parallel_rank_computes_bit_for_bit_what_one_rank_computes_for_its_heads(heads, rng):
+    """SmolLM2's shape (9 query, 3 kv heads, D 64) at TP=3: rank r stores kv head r with the calibration sliced to
+    it and attends with query heads 3r..3r+2, with the C++ kernels; its page segments and its prefill and decode
+    outputs are those of the whole model's store and kernels for that head and those query heads, bit for bit
+    (decode with the same context splits: how many is chosen from the work per rank). What makes an engine at TP=3
+    differ from TP=1 is the rounding of the reductions split over ranks, which kvquant's codes amplify
+    (benchmarks/results/parallel-cpu.md)."""
+    calibration = random_calibration(kvquant_methods()["kvquant3"].spec, rng, 3, 64)
+    whole = PagedKVQuant("kvquant3", calibration, 0, 16)
+    rank = PagedKVQuant("kvquant3", calibration.kv_heads(heads), 0, 16)
+    rope = ROPES["llama3"](64)
+    lens = (40, 23)  # each sequence stored as a prefill of all but its last 5 tokens, then those 5
+    block_table = torch.tensor([[4, 0, 6], [2, 5, 1]])
+    key, value = _keys_values(whole, sum(lens), 0.03, rng)  # [tokens, 3, 64] pre-RoPE, key outliers included
+    query = torch.randn(sum(lens), 9, 64, generator=rng) * 3
+    starts, seq_lens = torch.tensor([0, lens[0], sum(lens)]), torch.tensor(lens)
+    results = {}
+    for name, store, kv, q_heads in [("whole", whole, range(3), range(9)),
+                                     ("rank", rank, heads, range(3 * heads.start, 3 * heads.stop))]:
+        cache = torch.zeros(7, store.layout.page_size_bytes, dtype=torch.uint8)
+        for i, n in enumerate(lens):
+            for pos in (torch.arange(n - 5), torch.arange(n - 5, n)):
+                tokens = starts[i] + pos
+                cpu.store_tokens(cache, rope.rotate(key[tokens][:, kv.start:kv.stop], pos),
+                                 value[tokens][:, kv.start:kv.stop], block_table[i, pos // 16] * 16 + pos % 16, pos,
+                                 store, *rope.cos_sin(pos), rope.inverse_gain)
+        q = query[:, q_heads.start:q_heads.stop]
+        prefill = cpu.paged_prefill_attention(q, cache, block_table, starts, seq_lens, store, rope, 0.125)
+        decode = cpu.paged_decode_attention(q[starts[1:] - 1], cache, block_table, seq_lens, store, rope, 0.125,
+                                            num_splits=2)
+        results[name] = cache, prefill, decode
+    (whole_cache, *whole_out), (rank_cache, *rank_out) = results["whole"], results["rank"]
+    head_stride = whole.layout.head_stride
+    assert rank.layout.head_stride == head_stride
+    assert torch.equal(rank_cache.view(7, 1, head_stride), whole_cache.view(7, 3, head_stride)[:, heads.start:heads.stop])
+    assert int(rank.layout.view(rank_cache, "key_out_count").sum()) > 0  # the outlier lists are compared too
+    for w, r in zip(whole_out, rank_out):
+        assert torch.equal(r, w[:, 3 * heads.start:3 * heads.stop])

@@ -55,3 +55,33 @@ def first_divergence(tokens: list[int], reference: list[int], reference_logprobs
 def argmax_agreement(argmax: list[int], reference: list[int]) -> float:
     """The fraction of positions at which two engines' argmax tokens on the same text are the same."""
     return sum(a == b for a, b in zip(argmax, reference, strict=True)) / len(reference)
+
+
+def perturb_reductions(model: torch.nn.Module, seed: int | None, relative: float) -> int:
+    """Run inside a vLLM worker (``LLM.apply_model``): multiply the output of every row-parallel linear layer of
+    ``model`` (where tensor parallelism splits a sum over ranks and all-reduces it: o_proj, down_proj) by
+    ``1 + relative * N(0, 1)``, drawn from a generator seeded with ``seed``, every forward; ``seed`` None takes the
+    perturbation away. Returns how many layers it perturbs.
+
+    With ``relative`` a few float32 ulps, a one-rank engine then differs from itself as much as the rounding of a
+    TP engine's split reductions makes it differ: the band that TP's differences are read against, on the same text
+    and engine."""
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    for handle in getattr(model, "_kvquant_perturbations", []):
+        handle.remove()
+    model._kvquant_perturbations = []
+    if seed is None:
+        return 0
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def perturb(module, inputs, output):
+        out = output[0] if isinstance(output, tuple) else output  # (output, bias) where the layer returns its bias
+        noise = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out.device, out.dtype)
+        out = out * (1 + relative * noise)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    for module in model.modules():
+        if isinstance(module, RowParallelLinear):
+            model._kvquant_perturbations.append(module.register_forward_hook(perturb))
+    return len(model._kvquant_perturbations)
