@@ -19,6 +19,8 @@ for bit, never on the other requests of the call, on how vLLM chunked the prompt
 is split at fixed page ranges of :data:`SPLIT_TOKENS` (the same for a decode token and for a prefill chunk's rows,
 merged in split order), and every row runs the same arithmetic whatever the size of its work item. Outputs under
 load then differ from those of the request alone only where the queries, keys and values that vLLM hands over do.
+Not so for a bf16 model on a CPU with AMX: there a prefill item's rows in whole blocks of 16 take bf16 tile products
+and the others float32 ones, so a row's rounding depends on where the scheduler cut its chunk.
 """
 
 from __future__ import annotations
