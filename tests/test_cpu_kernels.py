@@ -384,7 +384,7 @@ def test_a_tensor_parallel_rank_computes_bit_for_bit_what_one_rank_computes_for_
         q = query[:, q_heads.start:q_heads.stop]
         prefill = cpu.paged_prefill_attention(q, cache, block_table, starts, seq_lens, store, rope, 0.125)
         decode = cpu.paged_decode_attention(q[starts[1:] - 1], cache, block_table, seq_lens, store, rope, 0.125,
-                                            num_splits=2)
+                                            split_tokens=32)
         results[name] = cache, prefill, decode
     (whole_cache, *whole_out), (rank_cache, *rank_out) = results["whole"], results["rank"]
     head_stride = whole.layout.head_stride
