@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 SERVED_NAME = "smollm2"
 MAX_MODEL_LEN = 640
 BLOCK_SIZE = 64
-# 12 x 64 = 768 tokens of KV cache for 16 concurrent requests of up to 512 + 64 tokens: the engine must preempt.
-NUM_BLOCKS = 12
+# 10 x 64 = 640 tokens of KV cache (one max_model_len request) for 16 concurrent requests of up to 512 + 64
+# tokens: the engine must preempt.
+NUM_BLOCKS = 10
 
 
 @pytest.fixture(scope="module")
