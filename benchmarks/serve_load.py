@@ -7,7 +7,9 @@ For each dtype of --dtypes: starts `vllm serve` on 127.0.0.1 (a free port) with 
 prompts over max_model_len, a negative max_tokens, an unknown model name) through the `openai` client, then
 checks /health and a final request, and reads preemptions and the prefix-cache hit rate from /metrics.
 Afterwards an offline `LLM(...)` of the same dtype generates every completed greedy request's prompt alone;
-the texts must be equal.
+the texts must be equal. With --batch-invariant, the servers and the offline engines run with
+`KVQUANT_BATCH_INVARIANT=1` (the plugin makes vLLM's CPU float32 linear layers batch-invariant,
+kvquant_vllm/vllm_plugin/cpu_gemm.py).
 Writes --json OUT and the markdown table beside it (OUT with .md).
 
     python benchmarks/serve_load.py --model smollm2-135m --dtypes auto,kvquant3 --requests 256 --concurrency 64
@@ -152,7 +154,9 @@ def to_markdown(rows: list[dict], payload: dict) -> str:
         f"Model `{payload['model']}` ({payload['model_dtype']} weights and activations), {mix['requests']} requests "
         f"at concurrency {payload['concurrency']} (seed {mix['seed']}), KV cache of exactly {payload['kv_tokens']:,} "
         f"tokens per server ({payload['block_size']}-token blocks, `--num-gpu-blocks-override`), max_model_len "
-        f"{mix['max_model_len']}; {payload['machine']}.",
+        f"{mix['max_model_len']}; {payload['machine']}"
+        + ("; servers and offline engines with `KVQUANT_BATCH_INVARIANT=1` (batch-invariant linear layers)."
+           if payload.get("batch_invariant") else "."),
         "",
         f"Command: `{payload['command']}`",
         "",
@@ -193,8 +197,12 @@ def main() -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the offline greedy comparison")
     p.add_argument("--serve-args", default="", help="more `vllm serve` arguments, one string")
     p.add_argument("--log-dir", type=Path, help="where the server logs go (default: a temporary directory)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="run the servers and the offline engines with KVQUANT_BATCH_INVARIANT=1")
     p.add_argument("--notes", type=Path, help="markdown file appended under the table (the reading of it)")
     args = p.parse_args()
+    if args.batch_invariant:
+        os.environ["KVQUANT_BATCH_INVARIANT"] = "1"  # inherited by the servers and the offline engines' workers
 
     model_dir = str(resolve_model(args.model))
     config = MixConfig(requests=args.requests, seed=args.seed, max_model_len=args.max_model_len)
@@ -202,7 +210,8 @@ def main() -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="serve-load-"))
     command = "python " + shlex.join(["benchmarks/serve_load.py", *sys.argv[1:]])
     payload = {"command": command, "model": args.model, "model_dtype": args.model_dtype,
-               "concurrency": args.concurrency, "kv_tokens": args.kv_tokens, "block_size": args.block_size,
+               "concurrency": args.concurrency, "batch_invariant": args.batch_invariant,
+               "kv_tokens": args.kv_tokens, "block_size": args.block_size,
                "machine": f"{platform.machine()}, {os.cpu_count()} cores", "mix": config.__dict__, "results": []}
     rows = payload["results"]
     for dtype in args.dtypes.split(","):

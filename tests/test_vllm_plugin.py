@@ -174,3 +174,37 @@ def test_shipping_checks_the_file_first(kvquant_model_dir, tmp_path):
     other = AutoConfig.from_pretrained(kvquant_model_dir, num_key_value_heads=1)
     with pytest.raises(CalibrationError, match="was made for model"):
         ship_calibration(_engine_config(kvquant_model_dir, None, other))
+
+
+def test_batch_invariant_mode_gives_a_row_alone_the_bits_it_has_in_a_batch(monkeypatch):
+    """With KVQUANT_BATCH_INVARIANT=1 a one-row oneDNN GEMM (an offline engine's batch-1 decode) equals that row
+    in a call of many rows (a server's decode step), bit for bit, at SmolLM2's down projection shape (K = 1536),
+    where plain oneDNN rounds the single row differently."""
+    from vllm import _custom_ops as ops
+
+    from kvquant_vllm.vllm_plugin.cpu_gemm import make_cpu_gemm_batch_invariant
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 576, 1536
+    weight = torch.randn(n, k, generator=gen) / k**0.5  # [N, K] float32
+    handler = ops.create_onednn_mm(weight.t(), 32)
+    x = torch.randn(16, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    monkeypatch.setattr(ops, "onednn_mm", ops.onednn_mm)  # restored after the test
+
+    monkeypatch.setenv("KVQUANT_BATCH_INVARIANT", "0")
+    make_cpu_gemm_batch_invariant()
+    assert not getattr(ops.onednn_mm, "_kvquant", False)
+    monkeypatch.setenv("KVQUANT_BATCH_INVARIANT", "1")
+    make_cpu_gemm_batch_invariant()
+    make_cpu_gemm_batch_invariant()
+    assert ops.onednn_mm._kvquant
+
+    batched = ops.onednn_mm(handler, x, bias)  # [16, N]
+    for m in (2, 3, 8):
+        assert torch.equal(ops.onednn_mm(handler, x[:m], bias), batched[:m])
+    alone = torch.cat([ops.onednn_mm(handler, x[i : i + 1], bias) for i in range(len(x))])
+    assert alone.shape == batched.shape and torch.equal(alone, batched)
+    assert torch.equal(ops.onednn_mm(handler, x[3], bias), batched[3])  # a [K] row keeps its shape
+    reference = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(alone.double(), reference, rtol=0, atol=1e-5)
