@@ -10,6 +10,8 @@ namespace kvquant_cpu {
 
 // Tokens per tile: keys and values are dequantized, rotated and attended 16 at a time.
 constexpr int TILE = 16;
+// Keys per softmax step of the rows that take their products from AMX tiles (simd_amx.h): four tiles of a page.
+constexpr int AMX_STEP = 4 * TILE;
 
 // Byte offsets of the sections within one kv head's page segment: PageLayout.sections(), passed in (never
 // computed here) in this order.

@@ -20,7 +20,8 @@
 //   4. values, channel-major (per token: the codebook scaled and offset by the token's fp16 scale and offset, then
 //      the codes of L channels from one load of the plane's words, a variable shift and one permute), the vector's
 //      outliers and the sink, accumulated into the rows' outputs, several rows per pass over the tile.
-// With AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and 4's products from bf16 tiles.
+// With AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and 4's products from bf16 tiles, and
+// their softmax steps over AMX_STEP keys (four tiles of a page) at a time.
 // Nothing is allocated: the rows' state and the tile live in the caller's scratch.
 #pragma once
 
@@ -184,8 +185,8 @@ void accumulate_block(int rows, int tokens, const float* p, const float* alpha, 
 
 // Scratch layout of one item (floats).
 struct ScratchLayout {
-  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, rope, value_scale, visible, q16, key_pairs, value_pairs,
-      weights, partial, total;
+  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, rope, value_scale, visible, q16, p_step, key_pairs,
+      value_pairs, weights, partial, total;
   ScratchLayout(int64_t rows, int d) {
     q = 0;                                      // [rows, D] queries x logit scale
     q_turned = q + rows * d;                    // [rows, D] the same turned back by the tile start
@@ -200,11 +201,12 @@ struct ScratchLayout {
     value_scale = rope + d;                     // [2, TILE]
     visible = value_scale + 2 * TILE;           // [rows] int32: keys of the tile each row sees
     q16 = visible + rows;                       // tile products (simd_amx.h): [rows, D] bf16 queries
-    key_pairs = q16 + rows * d / 2;             // [D / 2, TILE, 2] bf16
-    value_pairs = key_pairs + d * TILE / 2;     // [D / 16, TILE / 2, 16, 2] bf16
-    weights = value_pairs + d * TILE / 2;       // [16, TILE] bf16
-    partial = weights + 16 * TILE / 2;          // [16, 16]
-    total = partial + 16 * 16;
+    p_step = q16 + rows * d / 2;                // [rows, AMX_STEP] logits
+    key_pairs = p_step + rows * AMX_STEP;       // [AMX_STEP / TILE, D / 2, TILE, 2] bf16
+    value_pairs = key_pairs + d * AMX_STEP / 2; // [D / 16, AMX_STEP / 2, 16, 2] bf16
+    weights = value_pairs + d * AMX_STEP / 2;   // [rows, AMX_STEP] bf16
+    partial = weights + rows * AMX_STEP / 2;    // [4, 16, 16]
+    total = partial + 4 * 16 * 16;
   }
 };
 
@@ -216,6 +218,50 @@ void rope_table(const float* inv_freq, int half, float* table) {
   for (int i = 0; i < TILE; ++i) {
     V::sincos(inv_freq, i, half, column, column + half);
     for (int c = 0; c < 2 * half; ++c) table[c * TILE + i] = column[c];
+  }
+}
+
+// The online softmax of the tile rows [0, tile_rows) over one step's keys step_t0 .. + keys: their logits p_step
+// [rows, STEP] -> weights [rows, STEP] bf16 (written well before the tiles load them), running max and
+// denominator, and each row's rescale in alpha.
+template <class V>
+void tile_step(const Item& it, int g, int tile_rows, int64_t step_t0, int keys, const float* p_step,
+               uint16_t* weights, float* m, float* l, float* alpha) {
+  using F = typename V::F;
+  constexpr int L = V::L, NS = V::STEP / L;
+  static_assert(L == 16, "one vector of per-lane sums per row");
+  for (int r = 0; r < tile_rows; ++r) {
+    const int64_t position = it.first_position + r / g;
+    const int vis = static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - step_t0 + 1, 0), keys));
+    const float* pr = p_step + r * V::STEP;
+    uint16_t* wr = weights + r * V::STEP;
+    alpha[r] = 1.0f;
+    if (vis == 0) {
+      for (int b = 0; b < NS; ++b) V::store_bf16(wr + b * L, V::zero());
+      continue;
+    }
+    F s[NS];
+    F lanes_max = V::set1(NEG_INF);
+    for (int b = 0; b < NS; ++b) {
+      s[b] = V::prefix(V::load(pr + b * L), vis - b * L, NEG_INF);
+      lanes_max = V::max(lanes_max, s[b]);
+    }
+    const float step_max = V::hmax(lanes_max);
+    if (step_max > m[r]) {
+      alpha[r] = std::exp2(m[r] - step_max);  // 0 for the row's first keys
+      m[r] = step_max;
+    }
+    const F shift = V::set1(m[r]);
+    F e[NS];
+    // Apart from the masks, so that the chains overlap; masked keys enter as the max (see attend).
+    for (int b = 0; b < NS; ++b) e[b] = V::exp2(V::sub(V::prefix(s[b], vis - b * L, m[r]), shift));
+    F sum = V::mul(V::load(l + r * 16), V::set1(alpha[r]));  // a per-lane sum (L = 16): reduced once, at the end
+    for (int b = 0; b < NS; ++b) {
+      e[b] = V::prefix(e[b], vis - b * L, 0.0f);
+      V::store_bf16(wr + b * L, e[b]);
+      sum = V::add(sum, e[b]);
+    }
+    V::store(l + r * 16, sum);
   }
 }
 
@@ -247,6 +293,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
   uint16_t* q16 = reinterpret_cast<uint16_t*>(scratch + lay.q16);
   uint16_t* key_pairs = reinterpret_cast<uint16_t*>(scratch + lay.key_pairs);
   uint16_t* value_pairs = reinterpret_cast<uint16_t*>(scratch + lay.value_pairs);
+  float* p_step = scratch + lay.p_step;
+  int slot = 0;                 // tile of the tile rows' softmax step
+  int64_t step_t0 = 0;          // its first key
 
   const F logit_scale = V::set1(pb.logit_scale);
   for (int r = 0; r < rows; ++r) {
@@ -332,9 +381,11 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       // ---- 3. logits and online softmax
       if constexpr (V::AMX) {
         if (tile_rows) {
-          V::template turned_keys_to_pairs<D>(keys, rope, key_pairs);
+          if (slot == 0) step_t0 = t0;
+          uint16_t* slot_keys = key_pairs + slot * D * TILE;
+          V::template turned_keys_to_pairs<D>(keys, rope, slot_keys);
           for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
-            V::template tile_scores<D>(q16 + r0 * D, key_pairs, p + r0 * TILE);
+            V::template tile_scores<D>(q16 + r0 * D, slot_keys, p_step + r0 * V::STEP + slot * TILE, V::STEP);
           }
         }
       }
@@ -342,7 +393,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_turned + r0 * D, keys, p + r0 * TILE);
       }
       int max_visible = 0;
-      for (int r = 0; r < rows; ++r) {
+      for (int r = tile_rows; r < rows; ++r) {
         const int64_t position = it.first_position + r / g;
         const int vis = static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - t0 + 1, 0), n));
         visible[r] = vis;
@@ -365,7 +416,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         }
         const F shift = V::set1(m[r]), a = V::set1(alpha[r]);
         for (int b = 0; b < NB; ++b) {
-          const F e = V::prefix(V::exp2(V::sub(s[b], shift)), vis - b * L, 0.0f);
+          // Masked keys enter exp2 as the max, not -inf: 2^-inf would pass through a subnormal, which costs a
+          // microcode assist per vector.
+          const F e = V::prefix(V::exp2(V::sub(V::prefix(s[b], vis - b * L, m[r]), shift)), vis - b * L, 0.0f);
           V::store(pr + b * L, e);
           float* lr = l + r * 16 + (b * L) % 16;  // a per-lane sum: reduced once, at the end
           V::store(lr, V::fmadd(V::load(lr), a, e));
@@ -378,6 +431,10 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         const uint16_t* offsets = reinterpret_cast<const uint16_t*>(seg + sec.value_offset) + off + b * L;
         V::store(value_scale + b * L, V::load_half(scales));
         V::store(value_scale + TILE + b * L, V::load_half(offsets));
+      }
+      if (tile_rows) {  // the last tile row sees the most keys
+        const int64_t last = it.first_position + (tile_rows - 1) / g;
+        max_visible = std::max(max_visible, static_cast<int>(std::min<int64_t>(std::max<int64_t>(last - t0 + 1, 0), n)));
       }
       const uint8_t* vcodes = seg + sec.value_codes + off * P::PACKED;
       for (int t = 0; t < max_visible; ++t) {  // the book scaled for the token, then one permute per vector
@@ -397,10 +454,19 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
           for (int t = max_visible; t < TILE; ++t) {  // weight 0, but 0 x NaN is not 0
             for (int j = 0; j < NG; ++j) V::store(values + t * D + j * L, V::zero());
           }
-          V::template values_to_pairs<D>(values, value_pairs);
-          for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
-            V::template tile_accumulate<D>(p + r0 * TILE, alpha + r0, value_pairs, acc + r0 * D,
-                                           reinterpret_cast<uint16_t*>(scratch + lay.weights), scratch + lay.partial);
+          V::template values_to_pairs<D>(values, slot, value_pairs);
+          if (slot == V::STEP_TILES - 1 || off + TILE >= page_tokens) {  // the step is full, or the page ends
+            const int keys_in_step = slot * TILE + n, halves = (slot + 2) / 2;
+            if (slot % 2 == 0) V::template clear_pairs<D>(slot + 1, value_pairs);
+            uint16_t* weights = reinterpret_cast<uint16_t*>(scratch + lay.weights);
+            tile_step<V>(it, g, tile_rows, step_t0, keys_in_step, p_step, weights, m, l, alpha);
+            for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
+              V::template tile_accumulate<D>(weights + r0 * V::STEP, halves, alpha + r0, value_pairs, acc + r0 * D,
+                                             scratch + lay.partial);
+            }
+            slot = 0;
+          } else {
+            ++slot;
           }
         }
       }
