@@ -1,6 +1,7 @@
 """`vllm serve MODEL --kv-cache-dtype kvquant3` with a KV cache small enough to force preemption: concurrent
-greedy completions equal to the same prompts sent alone (``KVQUANT_BATCH_INVARIANT=1``), then a seeded load of completions and chat, streaming and not, with cancelled streams, an oversize
-prompt and malformed requests: nothing lost, no server error, every block freed, and a clean shutdown.
+greedy completions equal to the same prompts sent alone (``KVQUANT_BATCH_INVARIANT=1``), then a seeded load of
+completions and chat, streaming and not, with cancelled streams, an oversize prompt and malformed requests: nothing
+lost, no server error, every block freed, and a clean shutdown.
 """
 
 import asyncio
@@ -32,8 +33,8 @@ def server(kvquant_model_dir, tmp_path_factory):
 
 
 def test_concurrent_completions_equal_each_prompt_alone(server):
-    """16 greedy completions at once (decode steps of many rows, preempted and recomputed in a 704-token cache)
-    give the texts that each prompt gets alone (decode steps of one row)."""
+    """16 greedy completions at once (decode steps of many rows, in a 704-token cache) give the texts that each
+    prompt gets alone (decode steps of one row)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)

@@ -221,6 +221,11 @@ void rope_table(const float* inv_freq, int half, float* table) {
   }
 }
 
+// Keys first_key .. first_key + keys - 1 that a query at `position` sees (causal): a prefix of them.
+int keys_seen(int64_t position, int64_t first_key, int keys) {
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - first_key + 1, 0), keys));
+}
+
 // The online softmax of the tile rows [0, tile_rows) over one step's keys step_t0 .. + keys: their logits p_step
 // [rows, STEP] -> weights [rows, STEP] bf16 (written well before the tiles load them), running max and
 // denominator, and each row's rescale in alpha.
@@ -232,7 +237,7 @@ void tile_step(const Item& it, int g, int tile_rows, int64_t step_t0, int keys, 
   static_assert(L == 16, "one vector of per-lane sums per row");
   for (int r = 0; r < tile_rows; ++r) {
     const int64_t position = it.first_position + r / g;
-    const int vis = static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - step_t0 + 1, 0), keys));
+    const int vis = keys_seen(position, step_t0, keys);
     const float* pr = p_step + r * V::STEP;
     uint16_t* wr = weights + r * V::STEP;
     alpha[r] = 1.0f;
@@ -294,8 +299,8 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
   uint16_t* key_pairs = reinterpret_cast<uint16_t*>(scratch + lay.key_pairs);
   uint16_t* value_pairs = reinterpret_cast<uint16_t*>(scratch + lay.value_pairs);
   float* p_step = scratch + lay.p_step;
-  int slot = 0;                 // tile of the tile rows' softmax step
-  int64_t step_t0 = 0;          // its first key
+  uint16_t* weights = reinterpret_cast<uint16_t*>(scratch + lay.weights);
+  int slot = 0;  // the tile's place in the tile rows' softmax step (steps start with a page)
 
   const F logit_scale = V::set1(pb.logit_scale);
   for (int r = 0; r < rows; ++r) {
@@ -381,7 +386,6 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       // ---- 3. logits and online softmax
       if constexpr (V::AMX) {
         if (tile_rows) {
-          if (slot == 0) step_t0 = t0;
           uint16_t* slot_keys = key_pairs + slot * D * TILE;
           V::template turned_keys_to_pairs<D>(keys, rope, slot_keys);
           for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
@@ -395,7 +399,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       int max_visible = 0;
       for (int r = tile_rows; r < rows; ++r) {
         const int64_t position = it.first_position + r / g;
-        const int vis = static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - t0 + 1, 0), n));
+        const int vis = keys_seen(position, t0, n);
         visible[r] = vis;
         max_visible = std::max(max_visible, vis);
         float* pr = p + r * TILE;
@@ -433,8 +437,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         V::store(value_scale + TILE + b * L, V::load_half(offsets));
       }
       if (tile_rows) {  // the last tile row sees the most keys
-        const int64_t last = it.first_position + (tile_rows - 1) / g;
-        max_visible = std::max(max_visible, static_cast<int>(std::min<int64_t>(std::max<int64_t>(last - t0 + 1, 0), n)));
+        max_visible = std::max(max_visible, keys_seen(it.first_position + (tile_rows - 1) / g, t0, n));
       }
       const uint8_t* vcodes = seg + sec.value_codes + off * P::PACKED;
       for (int t = 0; t < max_visible; ++t) {  // the book scaled for the token, then one permute per vector
@@ -458,8 +461,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
           if (slot == V::STEP_TILES - 1 || off + TILE >= page_tokens) {  // the step is full, or the page ends
             const int keys_in_step = slot * TILE + n, halves = (slot + 2) / 2;
             if (slot % 2 == 0) V::template clear_pairs<D>(slot + 1, value_pairs);
-            uint16_t* weights = reinterpret_cast<uint16_t*>(scratch + lay.weights);
-            tile_step<V>(it, g, tile_rows, step_t0, keys_in_step, p_step, weights, m, l, alpha);
+            tile_step<V>(it, g, tile_rows, t0 - slot * TILE, keys_in_step, p_step, weights, m, l, alpha);
             for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
               V::template tile_accumulate<D>(weights + r0 * V::STEP, halves, alpha + r0, value_pairs, acc + r0 * D,
                                              scratch + lay.partial);
