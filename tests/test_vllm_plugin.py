@@ -179,7 +179,7 @@ def test_shipping_checks_the_file_first(kvquant_model_dir, tmp_path):
 def test_batch_invariant_mode_gives_a_row_alone_the_bits_it_has_in_a_batch(monkeypatch):
     """With KVQUANT_BATCH_INVARIANT=1 a one-row oneDNN GEMM (an offline engine's batch-1 decode) equals that row
     in a call of many rows (a server's decode step), bit for bit, at SmolLM2's down projection shape (K = 1536),
-    where plain oneDNN rounds the single row differently."""
+    where plain oneDNN rounds a single row differently (benchmarks/cpu_gemm_rows.py, on the CPUs measured)."""
     from vllm import _custom_ops as ops
 
     from kvquant_vllm.vllm_plugin.cpu_gemm import make_cpu_gemm_batch_invariant
