@@ -64,6 +64,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             key_position="post-rope" if args.post_rope else "pre-rope",
             key_granularity="token" if args.per_token_keys else "channel",
             value_outliers=not args.no_value_outliers,
+            outlier_allocation="even" if args.even_outliers else "fisher",
         )
     (path,) = calibrate_model(
         args.model,
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE")
     ablation.add_argument("--per-token-keys", action="store_true", help="keys per token instead of per channel")
     ablation.add_argument("--no-value-outliers", action="store_true", help="no exact value outliers per vector")
+    ablation.add_argument("--even-outliers", action="store_true",
+                          help="the same key outlier fraction in every channel (default: shared by Fisher-weighted error)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("patch-vllm", help="let the stock vLLM CLI accept --kv-cache-dtype kvquant{2,3,4}")

@@ -23,15 +23,17 @@ KV_BUDGET_GIB = "1"
 
 
 def ensure_calibration(model_dir: str) -> str:
-    """MODEL_DIR/kvquant_calibration.safetensors for kvquant3, calibrated on the recommended text if missing."""
-    from kvquant_vllm.calib.file import default_calibration_path
+    """MODEL_DIR/kvquant_calibration.safetensors for kvquant3, calibrated on the recommended text if missing
+    (or made by an older version for another spec)."""
+    from kvquant_vllm.calib.file import default_calibration_path, holds_calibration
     from kvquant_vllm.calib.run import calibrate_model
     from kvquant_vllm.quant.kvquant import kvquant_methods
 
     path = default_calibration_path(model_dir)
-    if not path.is_file():
+    spec = kvquant_methods()["kvquant3"].spec
+    if not holds_calibration(path, spec):
         print(f"== calibrating kvquant3 for {model_dir} (documentation and chat text, 16 x 2048 tokens)")
-        calibrate_model(model_dir, {kvquant_methods()["kvquant3"].spec: path})
+        calibrate_model(model_dir, {spec: path})
     return str(path)
 
 

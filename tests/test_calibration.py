@@ -1,13 +1,14 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kvquant_vllm.calib.collect import collect_activations
-from kvquant_vllm.calib.file import CalibrationError, read_calibration, write_calibration
-from kvquant_vllm.calib.layer import channel_thresholds
+from kvquant_vllm.calib.file import CalibrationError, holds_calibration, read_calibration, write_calibration
+from kvquant_vllm.calib.layer import allocated_thresholds, channel_thresholds
 from kvquant_vllm.calib.run import calibrate_layers
 from kvquant_vllm.quant.geometry import attention_geometry
 from kvquant_vllm.quant.cq import CQSpec
@@ -78,6 +79,28 @@ def test_channel_thresholds_drop_the_requested_fraction(rng):
     assert torch.equal(lo, x.amin(0)) and torch.equal(hi, x.amax(0))
 
 
+def test_allocated_thresholds_keep_each_heads_budget_and_give_it_to_heavy_tails(rng):
+    # Per head: 4 Gaussian channels and 4 heavy-tailed ones (Student t, 2 degrees of freedom).
+    n, fraction = 20000, 0.01
+    gauss = torch.randn(n, 2, 4, generator=rng)
+    uniform = torch.rand(n, 2, 4, generator=rng).clamp_min(1e-6)
+    heavy = torch.randn(n, 2, 4, generator=rng) / (-uniform.log()).sqrt()  # z / sqrt(chi2(2) / 2)
+    x = torch.cat([gauss, heavy], -1)
+    weights = torch.ones_like(x)
+    lower, upper = allocated_thresholds(x, weights, fraction)
+    outside = ((x < lower) | (x > upper)).double().mean(0)  # [H, D] outlier fraction per channel
+    per_head = outside.mean(-1)
+    assert torch.all(per_head <= fraction * 1.02) and torch.all(per_head >= fraction * 0.7), per_head
+    assert torch.all(outside[:, 4:].min(-1).values > outside[:, :4].max(-1).values)
+
+    def rounding_error(lo, hi):  # the error the allocation minimises: inliers' weight x half range squared
+        inside = (x >= lo) & (x <= hi)
+        return float(((weights * inside).sum(0) * ((hi - lo) / 2).square()).sum())
+
+    even = channel_thresholds(x, fraction)
+    assert rounding_error(lower, upper) < 0.7 * rounding_error(*even)
+
+
 def test_ray_with_two_workers_equals_inline(activations, tiny_model, positions, inline):
     on_ray = calibrate_layers(
         activations, SPECS, attention_geometry(tiny_model.config), positions, num_workers=2
@@ -144,6 +167,17 @@ def test_file_rejects_wrong_version(calibration_file):
     _rewrite(path, mutate_header=lambda h: h.update(format_version=99))
     with pytest.raises(CalibrationError, match="format version 99.*reads version 1"):
         read_calibration(path)
+
+
+def test_file_from_before_outlier_allocation_reads_as_even_and_is_recreated(calibration_file):
+    path, cal = calibration_file
+    assert holds_calibration(path, cal.spec)
+    _rewrite(path, mutate_header=lambda h: h["spec"].pop("outlier_allocation"))
+    back = read_calibration(path)
+    assert back.spec == replace(cal.spec, outlier_allocation="even")
+    assert "--even-outliers" in back.spec.calibrate_flags()
+    assert not holds_calibration(path, cal.spec)  # cached_calibrations and the demo calibrate again
+    assert not holds_calibration(path.with_name("missing.safetensors"), cal.spec)
 
 
 def test_file_rejects_truncation(calibration_file):

@@ -65,6 +65,15 @@ def read_calibration(path: str | os.PathLike, geometry: AttentionGeometry | None
     return parse_calibration(path.read_bytes(), geometry, str(path))
 
 
+def holds_calibration(path: str | os.PathLike, spec) -> bool:
+    """Whether ``path`` is a readable calibration file made for ``spec`` (False for a missing, stale or other
+    spec's file: the caller re-creates it)."""
+    try:
+        return read_calibration(path).spec == spec
+    except CalibrationError:
+        return False
+
+
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's bytes: an 8-byte little-endian header length, then JSON."""
     length = int.from_bytes(data[:8], "little")
@@ -94,7 +103,8 @@ def parse_calibration(data: bytes, geometry: AttentionGeometry | None = None, so
         if family not in CALIBRATION_FAMILIES:
             raise ValueError(f"unknown method {family!r}, known: {', '.join(CALIBRATION_FAMILIES)}")
         spec_type, tables_type = CALIBRATION_FAMILIES[family]
-        spec = spec_type(**header["spec"])
+        from_header = getattr(spec_type, "from_header", None)  # a spec whose old files need defaults filled in
+        spec = from_header(header["spec"]) if from_header else spec_type(**header["spec"])
         file_geo = AttentionGeometry(**header["fingerprint"])
     except (KeyError, TypeError, ValueError) as e:
         raise CalibrationError(f"{source}: malformed header ({e}); {remedy}") from e

@@ -38,6 +38,52 @@ def channel_thresholds(x: torch.Tensor, outlier_fraction: float) -> tuple[torch.
     return lower, upper
 
 
+# Outlier fractions a channel may get, as multiples of the spec's fraction (its mean over a head's channels).
+ALLOCATION_STEPS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+
+
+def allocated_thresholds(
+    x: torch.Tensor, weights: torch.Tensor, outlier_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel thresholds [H, D] of x [N, H, D] that share each head's outlier budget (``outlier_fraction``
+    of its elements) among its channels where it most reduces the rounding error of the rest.
+
+    A channel whose inliers span 2s rounds them with an error proportional to s**2, weighted by their Fisher
+    information (``weights`` [N, H, D], squared gradients; ones for unweighted). Each channel takes one of
+    ALLOCATION_STEPS x outlier_fraction; the choice minimises sum(error) + lam * fraction channel by channel,
+    with lam per head the smallest (bisection) that keeps the head's mean fraction within the budget. Heavy-tailed
+    channels so get more outliers and narrow ranges; compact ones give theirs away.
+    """
+    if outlier_fraction <= 0:
+        return channel_thresholds(x, 0.0)
+    fractions = torch.tensor(ALLOCATION_STEPS, dtype=torch.float64) * outlier_fraction
+    ordered = x.sort(0).values  # one sort serves every step's quantiles (as channel_thresholds picks them)
+    n = x.shape[0]
+    lowers, uppers, errors = [], [], []
+    for f in fractions.tolist():
+        k = min(max(1, int(round(n * f / 2))), n // 2)
+        lower, upper = ordered[k - 1], ordered[n - k]
+        inlier_weight = (weights * ((x >= lower) & (x <= upper))).sum(0).double()
+        lowers.append(lower)
+        uppers.append(upper)
+        errors.append(inlier_weight * ((upper - lower).double() / 2).square())
+    error = torch.stack(errors, -1)  # [H, D, steps]
+    error = error / error.mean((1, 2), keepdim=True).clamp_min(1e-300)  # lam on one scale for every head
+
+    def choose(lam: torch.Tensor) -> torch.Tensor:  # lam [H] -> step per channel [H, D]
+        return (error + lam[:, None, None] * fractions).argmin(-1)
+
+    # log10(lam) in [-6, 12]: from every channel at the largest step to every channel at the smallest
+    lo = torch.full((x.shape[1],), -6.0, dtype=torch.float64)
+    hi = torch.full_like(lo, 12.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        over = fractions[choose(10**mid)].mean(-1) > outlier_fraction * (1 + 1e-9)
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    step = choose(10**hi)[..., None]
+    return (torch.stack(lowers, -1).gather(-1, step)[..., 0], torch.stack(uppers, -1).gather(-1, step)[..., 0])
+
+
 def calibrate_kvquant_layer(
     act: LayerActivations,
     spec: CalibrationSpec,
@@ -57,7 +103,11 @@ def calibrate_kvquant_layer(
         keys, key_grad = act.post_rope_keys(geometry, positions)
 
     if spec.key_granularity == "channel":
-        lower, upper = channel_thresholds(keys, spec.outlier_fraction)
+        if spec.outlier_allocation == "fisher":
+            weights = key_grad.square() if spec.fisher else torch.ones_like(keys)
+            lower, upper = allocated_thresholds(keys, weights, spec.outlier_fraction)
+        else:
+            lower, upper = channel_thresholds(keys, spec.outlier_fraction)
         key_scale = ((upper - lower) / 2).clamp_min(1e-4)
         key_offset = (upper + lower) / 2
         kn, kmask = normalize_per_channel(keys, key_scale, key_offset, spec.outlier_fraction > 0)

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from kvquant_vllm.calib.collect import LayerActivations, collect_activations
-from kvquant_vllm.calib.file import default_calibration_path, write_calibration
+from kvquant_vllm.calib.file import default_calibration_path, holds_calibration, write_calibration
 from kvquant_vllm.calib.layer import calibrate_layer
 from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
 from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration, LayerCalibration
@@ -124,7 +124,8 @@ def cached_calibrations(
     model: str, specs: list, text: str, samples: int, seq_len: int, num_workers: int = 0,
 ) -> dict:
     """Calibration files of ``model`` for ``specs`` on ``text`` (samples x seq_len tokens), in the cache folder
-    ($KVQUANT_CACHE/calibrations/MODEL/), made in one collection pass for those not there yet: spec -> path."""
+    ($KVQUANT_CACHE/calibrations/MODEL/), made in one collection pass for those not there yet (or made by an
+    older version for another spec): spec -> path."""
     from kvquant_vllm.models import cache_dir
 
     folder = cache_dir() / "calibrations" / Path(model).name
@@ -133,7 +134,7 @@ def cached_calibrations(
         f"{spec.calibrate_flags().replace('--', '').replace(' ', '')}.safetensors"
         for spec in sorted(set(specs), key=str)
     }
-    missing = {spec: path for spec, path in paths.items() if not path.is_file()}
+    missing = {spec: path for spec, path in paths.items() if not holds_calibration(path, spec)}
     if missing:
         calibrate_model(model, missing, text=text, samples=samples, seq_len=seq_len, num_workers=num_workers)
     return paths

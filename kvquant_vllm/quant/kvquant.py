@@ -43,7 +43,16 @@ class CalibrationSpec:
     key_position: Literal["pre-rope", "post-rope"] = "pre-rope"
     key_granularity: Literal["channel", "token"] = "channel"
     value_outliers: bool = True  # per-vector top-k value outliers (k from outlier_fraction)
+    # How a kv head's key outlier budget is shared among its channels: "fisher" where it most reduces the
+    # Fisher-weighted rounding error (calib.layer.allocated_thresholds), "even" the same fraction per channel.
+    outlier_allocation: Literal["fisher", "even"] = "fisher"
     family: ClassVar[str] = "kvquant"
+
+    @classmethod
+    def from_header(cls, fields: dict) -> CalibrationSpec:
+        """The spec recorded in a calibration file's header; files written before ``outlier_allocation``
+        existed shared the key outliers evenly."""
+        return cls(**{"outlier_allocation": "even", **fields})
 
     def value_outliers_per_vector(self, head_dim: int) -> int:
         """Value outliers kept exactly per token-head vector."""
@@ -60,6 +69,8 @@ class CalibrationSpec:
             flags.append("--per-token-keys")
         if not self.value_outliers:
             flags.append("--no-value-outliers")
+        if self.outlier_allocation == "even":
+            flags.append("--even-outliers")
         return " ".join(flags)
 
 
@@ -313,6 +324,7 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
         {
             "kvquant3-nooutliers": replace(k3, spec=replace(k3.spec, outlier_fraction=0.0)),
             "kvquant3-novalueoutliers": replace(k3, spec=replace(k3.spec, value_outliers=False)),
+            "kvquant3-evenoutliers": replace(k3, spec=replace(k3.spec, outlier_allocation="even")),
             "kvquant3-uniform": replace(k3, nonuniform=False),
             "kvquant3-nofisher": replace(k3, spec=replace(k3.spec, fisher=False)),
             "kvquant3-postrope": replace(k3, spec=replace(k3.spec, key_position="post-rope")),
