@@ -24,6 +24,12 @@ from kvquant_vllm.quant.skvq import SKVQSpec
 from kvquant_vllm.quant.wkvquant import WKVQuantSpec
 
 
+def tail_rank(n: int, outlier_fraction: float) -> int:
+    """k such that the k-th smallest and k-th largest of n samples bound all but ``outlier_fraction`` of them
+    (at least 1, at most n // 2 where n > 1)."""
+    return max(1, min(int(round(n * outlier_fraction / 2)), n // 2))
+
+
 def channel_thresholds(x: torch.Tensor, outlier_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel lower/upper thresholds [H, D] of x [N, H, D]: the fraction/2 and 1-fraction/2 quantiles.
 
@@ -32,10 +38,8 @@ def channel_thresholds(x: torch.Tensor, outlier_fraction: float) -> tuple[torch.
     n = x.shape[0]
     if outlier_fraction <= 0:
         return x.amin(0), x.amax(0)
-    k_lo = max(1, int(round(n * outlier_fraction / 2)))
-    lower = x.kthvalue(k_lo, dim=0).values
-    upper = x.kthvalue(n - k_lo + 1, dim=0).values
-    return lower, upper
+    k = tail_rank(n, outlier_fraction)
+    return x.kthvalue(k, dim=0).values, x.kthvalue(n - k + 1, dim=0).values
 
 
 # Outlier fractions a channel may get, as multiples of the spec's fraction (its mean over a head's channels).
@@ -61,7 +65,7 @@ def allocated_thresholds(
     n = x.shape[0]
     lowers, uppers, errors = [], [], []
     for f in fractions.tolist():
-        k = min(max(1, int(round(n * f / 2))), n // 2)
+        k = tail_rank(n, f)
         lower, upper = ordered[k - 1], ordered[n - k]
         inlier_weight = (weights * ((x >= lower) & (x <= upper))).sum(0).double()
         lowers.append(lower)
