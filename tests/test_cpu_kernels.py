@@ -226,6 +226,22 @@ def test_bf16_tile_products(case, rng):
                                                             seq_lens, store, rope, scale, isa="amx"))
 
 
+def test_bf16_tile_rows_do_not_depend_on_the_thread_count(rng):
+    """AMX: a prefill item takes up to 768 rows on one thread and 16 tokens' rows where many threads need items; a
+    row's bf16 tile products and softmax steps are the same either way, bit for bit."""
+    if "amx" not in _runnable_isas():
+        pytest.skip("this CPU does not run amx")
+    lens = (300, 41)
+    store, cache, block_table, _, rope = _attention_setup("kvquant3", 32, 2, 64, 3, 0.01, lens, "llama3", rng)
+    parts = [(r, 0, n, torch.randn(n, 6, 64, generator=rng).bfloat16()) for r, n in enumerate(lens)]
+    with _threads(1):
+        one = _chunks_call(parts, cache, block_table, store, rope, "amx", 128)
+    with _threads(8):
+        many = _chunks_call(parts, cache, block_table, store, rope, "amx", 128)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_queries(q_dtype, rng):
     """16-bit queries are attended as float32 (what the reference does with them)."""

@@ -226,45 +226,52 @@ int keys_seen(int64_t position, int64_t first_key, int keys) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - first_key + 1, 0), keys));
 }
 
-// The online softmax of the tile rows [0, tile_rows) over one step's keys step_t0 .. + keys: their logits p_step
-// [rows, STEP] -> weights [rows, STEP] bf16 (written well before the tiles load them), running max and
-// denominator, and each row's rescale in alpha.
+// The online softmax of the tile rows [0, tile_rows) (a multiple of 16) over one step's keys step_t0 .. + keys:
+// their logits p_step [rows, STEP] -> weights [rows, STEP] bf16 (written well before the tiles load them), running
+// max and denominator, and each row's rescale in alpha. In three passes over the rows, so that the rows' reductions
+// to their max (a chain of shuffles each) overlap, and their rescales take one vector exp2 per 16 rows.
 template <class V>
 void tile_step(const Item& it, int g, int tile_rows, int64_t step_t0, int keys, const float* p_step,
                uint16_t* weights, float* m, float* l, float* alpha) {
   using F = typename V::F;
   constexpr int L = V::L, NS = V::STEP / L;
-  static_assert(L == 16, "one vector of per-lane sums per row");
-  for (int r = 0; r < tile_rows; ++r) {
-    const int64_t position = it.first_position + r / g;
-    const int vis = keys_seen(position, step_t0, keys);
+  static_assert(L == 16, "one vector of per-lane sums per row; rescales of 16 rows per vector");
+  auto visible = [&](int r) { return keys_seen(it.first_position + r / g, step_t0, keys); };
+  for (int r = 0; r < tile_rows; ++r) {  // 1. the new running max; alpha keeps the previous one meanwhile
+    alpha[r] = m[r];
+    const int vis = visible(r);
+    if (vis == 0) continue;
+    const float* pr = p_step + r * V::STEP;
+    F lanes_max = V::prefix(V::load(pr), vis, NEG_INF);
+    for (int b = 1; b < NS; ++b) lanes_max = V::max(lanes_max, V::prefix(V::load(pr + b * L), vis - b * L, NEG_INF));
+    m[r] = std::max(m[r], V::hmax(lanes_max));
+  }
+  // 2. alpha = 2^(previous max - max): 1 where the max stays (2^0 is exactly 1), 0 for a row's first keys (-inf
+  // before; a row that has seen no key yet has -inf - -inf, which exp2 clamps to 0, on its zero sums).
+  for (int r = 0; r < tile_rows; r += L) V::store(alpha + r, V::exp2(V::sub(V::load(alpha + r), V::load(m + r))));
+  for (int r = 0; r < tile_rows; ++r) {  // 3. weights and denominators
+    const int vis = visible(r);
     const float* pr = p_step + r * V::STEP;
     uint16_t* wr = weights + r * V::STEP;
-    alpha[r] = 1.0f;
+    const F shift = V::set1(m[r]);
+    F sum = V::mul(V::load(l + r * 16), V::set1(alpha[r]));  // a per-lane sum (L = 16): reduced once, at the end
     if (vis == 0) {
       for (int b = 0; b < NS; ++b) V::store_bf16(wr + b * L, V::zero());
-      continue;
-    }
-    F s[NS];
-    F lanes_max = V::set1(NEG_INF);
-    for (int b = 0; b < NS; ++b) {
-      s[b] = V::prefix(V::load(pr + b * L), vis - b * L, NEG_INF);
-      lanes_max = V::max(lanes_max, s[b]);
-    }
-    const float step_max = V::hmax(lanes_max);
-    if (step_max > m[r]) {
-      alpha[r] = std::exp2(m[r] - step_max);  // 0 for the row's first keys
-      m[r] = step_max;
-    }
-    const F shift = V::set1(m[r]);
-    F e[NS];
-    // Apart from the masks, so that the chains overlap; masked keys enter as the max (see attend).
-    for (int b = 0; b < NS; ++b) e[b] = V::exp2(V::sub(V::prefix(s[b], vis - b * L, m[r]), shift));
-    F sum = V::mul(V::load(l + r * 16), V::set1(alpha[r]));  // a per-lane sum (L = 16): reduced once, at the end
-    for (int b = 0; b < NS; ++b) {
-      e[b] = V::prefix(e[b], vis - b * L, 0.0f);
-      V::store_bf16(wr + b * L, e[b]);
-      sum = V::add(sum, e[b]);
+    } else if (vis == V::STEP) {
+      for (int b = 0; b < NS; ++b) {
+        const F e = V::exp2(V::sub(V::load(pr + b * L), shift));
+        V::store_bf16(wr + b * L, e);
+        sum = V::add(sum, e);
+      }
+    } else {
+      for (int b = 0; b < NS; ++b) {
+        // Masked keys enter exp2 as the max, not -inf: 2^-inf would pass through a subnormal, which costs a
+        // microcode assist per vector.
+        const F s = V::prefix(V::load(pr + b * L), vis - b * L, m[r]);
+        const F e = V::prefix(V::exp2(V::sub(s, shift)), vis - b * L, 0.0f);
+        V::store_bf16(wr + b * L, e);
+        sum = V::add(sum, e);
+      }
     }
     V::store(l + r * 16, sum);
   }
@@ -385,13 +392,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
 
       // ---- 3. logits and online softmax
       if constexpr (V::AMX) {
-        if (tile_rows) {
-          uint16_t* slot_keys = key_pairs + slot * D * TILE;
-          V::template turned_keys_to_pairs<D>(keys, rope, slot_keys);
-          for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
-            V::template tile_scores<D>(q16 + r0 * D, slot_keys, p_step + r0 * V::STEP + slot * TILE, V::STEP);
-          }
-        }
+        if (tile_rows) V::template turned_keys_to_pairs<D>(keys, rope, key_pairs + slot * D * TILE);
       }
       for (int r0 = tile_rows; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
         score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_turned + r0 * D, keys, p + r0 * TILE);
@@ -461,6 +462,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
           if (slot == V::STEP_TILES - 1 || off + TILE >= page_tokens) {  // the step is full, or the page ends
             const int keys_in_step = slot * TILE + n, halves = (slot + 2) / 2;
             if (slot % 2 == 0) V::template clear_pairs<D>(slot + 1, value_pairs);
+            for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
+              V::template step_scores<D>(q16 + r0 * D, key_pairs, slot + 1, p_step + r0 * V::STEP);
+            }
             tile_step<V>(it, g, tile_rows, t0 - slot * TILE, keys_in_step, p_step, weights, m, l, alpha);
             for (int r0 = 0; r0 < tile_rows; r0 += V::TILE_ROWS) {
               V::template tile_accumulate<D>(weights + r0 * V::STEP, halves, alpha + r0, value_pairs, acc + r0 * D,

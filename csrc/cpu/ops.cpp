@@ -34,8 +34,16 @@ namespace kvquant_cpu {
 namespace {
 
 constexpr int NUM_SECTIONS = 10;
-// Query rows (tokens x query heads of a kv head) per prefill work item: the rows share each dequantized tile.
-constexpr int PREFILL_ROWS = 48;  // three blocks of AMX tiles
+// A prefill work item's keys and values are dequantized and rotated once per item and tile, and its rows (tokens x
+// query heads of a kv head) share them. Rows that take their products from AMX tiles (a bf16 model) cost so little
+// that the dequantization dominates unless many rows share it: up to TILE_PREFILL_ROWS, while their state (about
+// 1.4 KB per row at head dim 64) stays in the L2 cache. Rows of FMA products keep theirs in L1: FMA_PREFILL_ROWS.
+constexpr int TILE_PREFILL_ROWS = 768;
+constexpr int FMA_PREFILL_ROWS = 48;
+constexpr int ITEMS_PER_THREAD = 4;
+// Tokens per item are a multiple of 16 (one block of AMX tile rows), so that which rows take their products from the
+// tiles depends on the chunk alone, not on the block size that the thread count chooses.
+constexpr int PREFILL_TOKEN_STEP = 16;
 
 // Linux gives a process AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); torch and
 // vLLM ask too, asking again is harmless.
@@ -121,6 +129,24 @@ void run_items(const Kernels& kernels, const Problem& pb, const std::vector<Item
       }
     }
   });
+}
+
+// Query tokens per prefill work item: the largest multiple of PREFILL_TOKEN_STEP within TILE_PREFILL_ROWS rows (AMX
+// tile products) or FMA_PREFILL_ROWS that still leaves ITEMS_PER_THREAD items (counted before context splits) for
+// each of torch's threads.
+int64_t prefill_block_tokens(const std::vector<int64_t>& starts, int64_t num_kv_heads, int64_t gqa, bool tiles) {
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t rows = tiles ? TILE_PREFILL_ROWS : FMA_PREFILL_ROWS;
+  int64_t block = std::max<int64_t>(PREFILL_TOKEN_STEP, rows / gqa / PREFILL_TOKEN_STEP * PREFILL_TOKEN_STEP);
+  auto items = [&](int64_t tokens_per_item) {
+    int64_t n = 0;
+    for (size_t r = 0; r + 1 < starts.size(); ++r) {
+      n += (starts[r + 1] - starts[r] + tokens_per_item - 1) / tokens_per_item;
+    }
+    return n * num_kv_heads;
+  };
+  while (block > PREFILL_TOKEN_STEP && items(block) < ITEMS_PER_THREAD * threads) block -= PREFILL_TOKEN_STEP;
+  return block;
 }
 
 // out [num_tokens, num_q_heads, D] float32 (written), query [num_tokens, num_q_heads, D] float32 (last dim
@@ -252,7 +278,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
   std::vector<Item> items;
   int64_t max_rows = 0;
-  const int64_t block_q = std::max<int64_t>(1, PREFILL_ROWS / gqa);
+  const bool tiles = bf16_products && std::strcmp(kernels.isa, "amx") == 0;  // tile rows (attend)
+  const int64_t block_q = prefill_block_tokens(starts, num_kv_heads, gqa, tiles);
   for (int64_t r = 0; r < num_reqs; ++r) {
     const int64_t q_len = starts[r + 1] - starts[r], seq_len = lengths[r];
     if (q_len == 0 || seq_len == 0) continue;

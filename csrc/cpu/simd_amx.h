@@ -7,8 +7,8 @@
 // The tile rows take a softmax step per STEP keys (STEP_TILES tiles of a page), not per tile: the outputs leave
 // the tiles (and are rescaled) once per step, and each product runs over 32 keys.
 // Tiles (one configuration per item):
-//   logits:   0  16 rows x 16 keys fp32          1  queries  16 rows x 32 channels bf16
-//             2  keys 16 channel pairs x 16 keys x 2
+//   logits:   0, 3, 6, 7  16 rows x 16 keys fp32 (the step's four tiles)
+//             1  queries 16 rows x 32 channels bf16     2, 4, 5  keys 16 channel pairs x 16 keys x 2
 //   outputs:  0, 1, 2, 5  16 rows x 16 channels fp32 (four blocks of channels)
 //             3, 6  weights 16 rows x 32 keys bf16 (keys 0-31, 32-63 of the step)
 //             4, 7  values 16 key pairs x 16 channels x 2 (7: keys 32-63 with two halves)
@@ -97,17 +97,35 @@ struct Amx : Avx512 {
     }
   }
 
-  // Logits of 16 rows against one tile: s[r * stride + i] = q[r] . key i; q: [16, D] bf16, key pairs as
-  // turned_keys_to_pairs.
+  // Logits of 16 rows against the first `tiles` tiles of a step: s[r * STEP + i] = q[r] . key i; q: [16, D] bf16,
+  // key pairs as turned_keys_to_pairs, tile after tile. Each block of 32 query channels is loaded once for the step's
+  // tiles (their sums in tiles 0, 3, 6, 7), not once per tile.
   template <int D>
-  static void tile_scores(const uint16_t* q, const uint16_t* key_pairs, float* s, int stride) {
+  static void step_scores(const uint16_t* q, const uint16_t* key_pairs, int tiles, float* s) {
+    static_assert(STEP_TILES == 4, "one sum tile per tile of the step");
     _tile_zero(0);
+    _tile_zero(3);
+    _tile_zero(6);
+    _tile_zero(7);
     for (int k = 0; k < D / 32; ++k) {
       _tile_loadd(1, q + k * 32, D * 2);
-      _tile_loadd(2, key_pairs + k * 16 * 32, 64);
-      _tile_dpbf16ps(0, 1, 2);
+      const uint16_t* keys = key_pairs + k * 16 * 32;
+      // A macro: the tile intrinsics take their tile numbers as literals.
+#define KVQUANT_TILE_SCORES(T, K, j)                   \
+  if (tiles > (j)) {                                   \
+    _tile_loadd(K, keys + (j) * D * TILE, 64);         \
+    _tile_dpbf16ps(T, 1, K);                           \
+  }
+      KVQUANT_TILE_SCORES(0, 2, 0)
+      KVQUANT_TILE_SCORES(3, 4, 1)
+      KVQUANT_TILE_SCORES(6, 5, 2)
+      KVQUANT_TILE_SCORES(7, 2, 3)
+#undef KVQUANT_TILE_SCORES
     }
-    _tile_stored(0, s, stride * 4);
+    _tile_stored(0, s, STEP * 4);
+    if (tiles > 1) _tile_stored(3, s + TILE, STEP * 4);
+    if (tiles > 2) _tile_stored(6, s + 2 * TILE, STEP * 4);
+    if (tiles > 3) _tile_stored(7, s + 3 * TILE, STEP * 4);
   }
 
   // out[r] = out[r] * alpha[r] + sum_i weights[r * STEP + i] * value i, i < 32 x halves, for 16 rows (D floats
