@@ -72,8 +72,9 @@ def main() -> None:
     command = "python " + shlex.join(["benchmarks/quality_chat.py", *sys.argv[1:]])
     RESULTS.mkdir(exist_ok=True)
     payload = json.loads(report.to_json(command))
+    # File names only: the calibrations lie in the machine's cache (kvquant_vllm.models.cache_dir), not the repository.
     payload["calibration"] = {"samples": args.calib_samples, "seq_len": args.seq_len,
-                              "files": {t: {str(s): str(p) for s, p in paths.items()} for t, paths in files.items()}}
+                              "files": {t: {str(s): Path(p).name for s, p in paths.items()} for t, paths in files.items()}}
     atomic_write_text(RESULTS / f"{args.name}.json", json.dumps(payload, indent=2) + "\n")
     report.results = sorted(results, key=lambda r: (-r.bits_per_element, r.method))
     markdown = (
