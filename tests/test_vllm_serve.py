@@ -59,6 +59,23 @@ def test_concurrent_completions_equal_each_prompt_alone(server):
     assert alone == texts
 
 
+def preemption_burst(server) -> None:
+    """Three greedy completions whose prompts (about 300 tokens each, no shared prefix) fit the cache two at a time
+    and whose answers (64 tokens each, no early stop) then outgrow it: the engine must preempt, whatever the timing of
+    the load before (10 usable blocks of 64 hold 640 tokens; two such requests grow to 2 x 360)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+
+    def complete(i: int) -> int:
+        out = client.completions.create(model=SERVED_NAME, prompt=f"Request {i}:" + " one" * 290, max_tokens=64,
+                                        temperature=0, extra_body={"min_tokens": 64})
+        return out.usage.completion_tokens
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(complete, range(3))) == [64] * 3
+
+
 def test_load_with_preemption_and_faults_loses_nothing(server, kvquant_model_dir):
     config = MixConfig(requests=64, seed=0, max_model_len=MAX_MODEL_LEN, prompt_tokens=(8, 512), max_tokens=(1, 64),
                        cancel_fraction=0.2, shared_prefixes=2, oversize=1, malformed=2)
@@ -72,6 +89,7 @@ def test_load_with_preemption_and_faults_loses_nothing(server, kvquant_model_dir
     assert result["cancelled"] >= 1
     assert result["completed"] + result["cancelled"] == 61
     assert server.alive() and server.healthy()
+    preemption_burst(server)
     # Cancelled streams are aborted, not left running; every block is back in the free pool.
     after = server.idle_metrics(timeout_s=60)
     assert after["vllm:num_preemptions_total"] > before.get("vllm:num_preemptions_total", 0), "no preemption forced"
