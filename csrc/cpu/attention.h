@@ -31,7 +31,8 @@ struct Problem {
   const float* key_lut;              // [num_kv_heads, D, 16]: key_book[j % 2**bits] x key_scale + key_offset
   const float* value_book;           // [2**bits] decode codebook
   const float* inv_freq;             // [D / 2] RoPE inverse frequencies
-  const float* offset_rope;          // [2, D / 2, TILE]: cos, sin of i x inv_freq[c], i < TILE (rope_table)
+  const float* offset_rope;          // [2, D / 2, TILE]: cos, sin of i x inv_freq[c], i < TILE (rope_tables)
+  const float* start_rope;           // [tiles, 2, D / 2]: cos, sin of k x TILE x inv_freq[c] (rope_tables)
   float logit_scale;                 // softmax scale x RoPE scaling x log2(e): logits in base 2
   bool bf16_products;                // the model computes in bf16: products may round to bf16 (AMX tiles)
   const float* query;                // float32, rows of D contiguous
@@ -55,13 +56,14 @@ struct Item {
 };
 
 using AttendFn = void (*)(const Problem&, const Item&, float* scratch);
-using RopeTableFn = void (*)(const float* inv_freq, int half, float* table);  // table [2, half, TILE]
+// offsets [2, half, TILE] (cos, sin of i x inv_freq, i < TILE), starts [tiles, 2, half] (of k x TILE x inv_freq).
+using RopeTablesFn = void (*)(const float* inv_freq, int half, int64_t tiles, float* offsets, float* starts);
 using ScratchFn = int64_t (*)(int64_t rows, int head_dim);  // floats of scratch for items of `rows` query rows
 
 struct Kernels {
   const char* isa;
   AttendFn attend;
-  RopeTableFn rope_table;
+  RopeTablesFn rope_tables;
   ScratchFn scratch_floats;
 };
 

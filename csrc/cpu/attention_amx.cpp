@@ -36,7 +36,7 @@ namespace {
 namespace kvquant_cpu {
 
 Kernels kernels_amx() {
-  return {Amx::name, attend_any<Amx>, rope_table<Amx>, scratch_floats};
+  return {Amx::name, attend_any<Amx>, rope_tables<Amx>, scratch_floats};
 }
 
 }  // namespace kvquant_cpu

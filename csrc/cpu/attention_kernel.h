@@ -11,8 +11,8 @@
 //      word into the low bits, and one permute looks the codes up in the channel's table (codebook x calibrated
 //      scale + offset, made once per call); then the head's listed outliers (a token-ordered list: one cursor per
 //      page) and the sink at position 0 are written over their elements;
-//   2. RoPE: cos and sin of (t0 + i) x inv_freq compose exact angles of the tile start t0 (per tile) and of the
-//      offsets i < TILE (per call): the keys turn by i and the queries back by t0 (q . R(t0 + i) k =
+//   2. RoPE: cos and sin of (t0 + i) x inv_freq compose exact angles of the tile start t0 and of the offsets
+//      i < TILE (both tables made once per call): the keys turn by i and the queries back by t0 (q . R(t0 + i) k =
 //      (R(t0)^T q) . (R(i) k)), for every item alike, so that a row's result does not depend on how many rows
 //      share its item (a decode token, or a block of a chunk that the scheduler cut anywhere);
 //   3. logits of every row against the tile (one FMA per row and channel gives the row's TILE logits), causal
@@ -20,6 +20,8 @@
 //   4. values, channel-major (per token: the codebook scaled and offset by the token's fp16 scale and offset, then
 //      the codes of L channels from one load of the plane's words, a variable shift and one permute), the vector's
 //      outliers and the sink, accumulated into the rows' outputs, several rows per pass over the tile.
+// An item of few rows (a decode) runs steps 1-3 and 4 straight from the codes, the keys and values never leaving
+// registers (score_codes, accumulate_codes), in the same operations and order, so that its rows get the same bits.
 // With AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and 4's products from bf16 tiles, and
 // their softmax steps over AMX_STEP keys (four tiles of a page) at a time.
 // Nothing is allocated: the rows' state and the tile live in the caller's scratch.
@@ -86,6 +88,99 @@ void dequantize_keys(const uint8_t* codes, const float* lut, float* keys) {
   }
 }
 
+// The order in which a logit sums its channels, on both paths (keys from the tile, and codes straight to logits),
+// so that a row's logits do not depend on which path its item took: the pairs (c, c + D / 2) that RoPE turns
+// together, whose codes sit 16 bits apart in the same plane words, word by word in the order of dequantize_keys.
+template <int BITS, int D>
+struct PairOrder {
+  using P = Planes<BITS, D>;
+  int channel[D / 2];  // the low channel of each pair
+  constexpr PairOrder() : channel() {
+    int i = 0;
+    auto word = [&](int w) {
+      for (int k = 0; k < P::PER_WORD / 2; ++k) channel[i++] = k * P::LOW_WORDS + w;
+    };
+    if constexpr (BITS == 3) {
+      for (int w = 0; w < P::HIGH_WORDS; ++w) {
+        word(w);
+        word(w + P::HIGH_WORDS);
+      }
+    } else {
+      for (int w = 0; w < P::LOW_WORDS; ++w) word(w);
+    }
+  }
+};
+
+// Logits of RB rows against a tile straight from its key codes, the keys never leaving registers: per channel
+// pair, two lookups, the listed outliers (lanes whose bit is set in exact_lanes[c] take exact[c * TILE + i]),
+// RoPE by the tile offsets, and each row's two FMAs. Equal, bit for bit, to dequantize_keys, the rotation and
+// score_rows on the same tile. s[r * TILE + i] as score_rows.
+template <class V, int BITS, int D, int RB>
+void score_codes(const uint8_t* codes, const float* lut, const uint32_t* exact_lanes, const float* exact,
+                 const float* offset_cos, const float* offset_sin, const float* q, float* s) {
+  using F = typename V::F;
+  using I = typename V::I;
+  using P = Planes<BITS, D>;
+  constexpr int L = V::L, NB = TILE / L, HALF = D / 2;
+  alignas(64) int32_t word0[TILE];
+  for (int i = 0; i < TILE; ++i) word0[i] = i * P::WORDS;
+  for (int b = 0; b < NB; ++b) {
+    const I first = V::load_words(reinterpret_cast<const uint8_t*>(word0 + b * L));
+    F acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = V::zero();
+    auto pairs = [&](I low, I high, int w) {
+      I low_hi = V::template srli<16>(low), high_hi = V::high_skip(high);
+      for (int k = 0; k < P::PER_WORD / 2; ++k) {
+        const int c = k * P::LOW_WORDS + w, h = c + HALF;
+        I code_lo = low, code_hi = low_hi;
+        if constexpr (BITS == 3) {
+          code_lo = V::merge3(low, high);
+          code_hi = V::merge3(low_hi, high_hi);
+        }
+        F lo = V::template lookup_table<BITS>(lut + c * 16, code_lo);
+        F hi = V::template lookup_table<BITS>(lut + h * 16, code_hi);
+        lo = V::blend_lanes(lo, exact_lanes[c] >> (b * L), exact + c * TILE + b * L);
+        hi = V::blend_lanes(hi, exact_lanes[h] >> (b * L), exact + h * TILE + b * L);
+        const F cos_i = V::load(offset_cos + c * TILE + b * L), sin_i = V::load(offset_sin + c * TILE + b * L);
+        const F lo_turned = V::fmsub(lo, cos_i, V::mul(hi, sin_i));
+        const F hi_turned = V::fmadd(hi, cos_i, V::mul(lo, sin_i));
+        for (int r = 0; r < RB; ++r) {
+          acc[r] = V::fmadd(V::set1(q[r * D + c]), lo_turned, acc[r]);
+          acc[r] = V::fmadd(V::set1(q[r * D + h]), hi_turned, acc[r]);
+        }
+        low = V::template srli<P::LOW_WIDTH>(low);
+        low_hi = V::template srli<P::LOW_WIDTH>(low_hi);
+        if constexpr (BITS == 3) {
+          high = V::high_next(high);
+          high_hi = V::high_next(high_hi);
+        }
+      }
+    };
+    if constexpr (BITS == 3) {
+      for (int w = 0; w < P::HIGH_WORDS; ++w) {
+        const I high = V::gather(codes, V::add_i(first, V::set1_i(P::LOW_WORDS + w)));
+        pairs(V::gather(codes, V::add_i(first, V::set1_i(w))), V::high_start(high, 0), w);
+        pairs(V::gather(codes, V::add_i(first, V::set1_i(w + P::HIGH_WORDS))), V::high_start(high, 1),
+              w + P::HIGH_WORDS);
+      }
+    } else {
+      for (int w = 0; w < P::LOW_WORDS; ++w) pairs(V::gather(codes, V::add_i(first, V::set1_i(w))), I{}, w);
+    }
+    for (int r = 0; r < RB; ++r) V::store(s + r * TILE + b * L, acc[r]);
+  }
+}
+
+template <class V, int BITS, int D, int RB = Blocks<V>::SCORE_ROWS>
+void score_codes_block(int rows, const uint8_t* codes, const float* lut, const uint32_t* exact_lanes,
+                       const float* exact, const float* offset_cos, const float* offset_sin, const float* q, float* s) {
+  if constexpr (RB > 1) {
+    if (rows < RB) {
+      return score_codes_block<V, BITS, D, RB - 1>(rows, codes, lut, exact_lanes, exact, offset_cos, offset_sin, q, s);
+    }
+  }
+  score_codes<V, BITS, D, RB>(codes, lut, exact_lanes, exact, offset_cos, offset_sin, q, s);
+}
+
 // Codes of channels [j * L, j * L + L) of one packed vector, channel-major, in the low bits of each lane (bits
 // above may hold other channels' bits: lookups ignore them).
 template <class V, int BITS, int D>
@@ -124,14 +219,16 @@ struct ChannelCodes {
 };
 
 // Logits of RB rows against a tile: s[r * TILE + i] = q[r] . keys[:, i] (q rows D floats apart).
-template <class V, int D, int RB>
+template <class V, int BITS, int D, int RB>
 void score_rows(const float* q, const float* keys, float* s) {
   using F = typename V::F;
   constexpr int L = V::L, NB = TILE / L;
+  constexpr PairOrder<BITS, D> order;
   F acc[RB][NB];
   for (int r = 0; r < RB; ++r)
     for (int b = 0; b < NB; ++b) acc[r][b] = V::zero();
-  for (int c = 0; c < D; ++c) {
+  for (int i = 0; i < D; ++i) {
+    const int c = order.channel[i / 2] + (i % 2) * (D / 2);
     F k[NB];
     for (int b = 0; b < NB; ++b) k[b] = V::load(keys + c * TILE + b * L);
     for (int r = 0; r < RB; ++r) {
@@ -143,12 +240,12 @@ void score_rows(const float* q, const float* keys, float* s) {
     for (int b = 0; b < NB; ++b) V::store(s + r * TILE + b * L, acc[r][b]);
 }
 
-template <class V, int D, int RB = Blocks<V>::SCORE_ROWS>
+template <class V, int BITS, int D, int RB = Blocks<V>::SCORE_ROWS>
 void score_block(int rows, const float* q, const float* keys, float* s) {
   if constexpr (RB > 1) {
-    if (rows < RB) return score_block<V, D, RB - 1>(rows, q, keys, s);
+    if (rows < RB) return score_block<V, BITS, D, RB - 1>(rows, q, keys, s);
   }
-  score_rows<V, D, RB>(q, keys, s);
+  score_rows<V, BITS, D, RB>(q, keys, s);
 }
 
 // out[r] = out[r] * alpha[r] + sum_i p[r * TILE + i] * values[i], i < tokens, for RB rows (D floats apart).
@@ -183,10 +280,58 @@ void accumulate_block(int rows, int tokens, const float* p, const float* alpha, 
   accumulate_rows<V, D, RB>(tokens, p, alpha, values, out);
 }
 
+// accumulate_rows with the tile's values straight from their codes, never leaving registers: per token, the
+// codebook scaled and offset for the token, one permute per vector, and the vector's vo outliers (channel idx[e]
+// takes val[e]). Equal, bit for bit, to accumulate_rows over the values that attend() dequantizes.
+template <class V, int BITS, int D, int RB>
+void accumulate_codes(int tokens, const float* p, const float* alpha, const uint8_t* codes,
+                      const ChannelCodes<V, BITS, D>& channel_codes, const typename V::Book& book,
+                      const float* value_scale, const uint8_t* idx, const uint16_t* val, int vo, float* out) {
+  using F = typename V::F;
+  using I = typename V::I;
+  constexpr int L = V::L, NG = D / L, CH = Blocks<V>::template CHUNK<NG>;
+  for (int j0 = 0; j0 < NG; j0 += CH) {
+    F acc[RB][CH];
+    for (int r = 0; r < RB; ++r) {
+      const F a = V::set1(alpha[r]);
+      for (int j = 0; j < CH; ++j) acc[r][j] = V::mul(V::load(out + r * D + (j0 + j) * L), a);
+    }
+    for (int t = 0; t < tokens; ++t) {
+      const auto scaled = V::scaled(book, V::set1(value_scale[t]), V::set1(value_scale[TILE + t]));
+      F v[CH];
+      for (int j = 0; j < CH; ++j) v[j] = V::template lookup<BITS>(scaled, channel_codes.code(codes + t * Planes<BITS, D>::PACKED, j0 + j));
+      for (int e = 0; e < vo; ++e) {
+        const I at = V::set1_i(std::min<int>(idx[t * vo + e], D - 1));
+        const F x = V::set1(V::half_to_float(val[t * vo + e]));
+        for (int j = 0; j < CH; ++j) v[j] = V::put_where(v[j], V::add_i(V::iota(), V::set1_i((j0 + j) * L)), at, x);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const F pt = V::set1(p[r * TILE + t]);
+        for (int j = 0; j < CH; ++j) acc[r][j] = V::fmadd(pt, v[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int j = 0; j < CH; ++j) V::store(out + r * D + (j0 + j) * L, acc[r][j]);
+  }
+}
+
+template <class V, int BITS, int D, int RB = Blocks<V>::template VALUE_ROWS<D / V::L>>
+void accumulate_codes_block(int rows, int tokens, const float* p, const float* alpha, const uint8_t* codes,
+                            const ChannelCodes<V, BITS, D>& channel_codes, const typename V::Book& book,
+                            const float* value_scale, const uint8_t* idx, const uint16_t* val, int vo, float* out) {
+  if constexpr (RB > 1) {
+    if (rows < RB) {
+      return accumulate_codes_block<V, BITS, D, RB - 1>(rows, tokens, p, alpha, codes, channel_codes, book,
+                                                        value_scale, idx, val, vo, out);
+    }
+  }
+  accumulate_codes<V, BITS, D, RB>(tokens, p, alpha, codes, channel_codes, book, value_scale, idx, val, vo, out);
+}
+
 // Scratch layout of one item (floats).
 struct ScratchLayout {
-  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, rope, value_scale, visible, q16, p_step, key_pairs,
-      value_pairs, weights, partial, total;
+  int64_t q, q_turned, acc, m, l, alpha, p, keys, values, value_scale, visible, exact_lanes, q16, p_step,
+      key_pairs, value_pairs, weights, partial, total;
   ScratchLayout(int64_t rows, int d) {
     q = 0;                                      // [rows, D] queries x logit scale
     q_turned = q + rows * d;                    // [rows, D] the same turned back by the tile start
@@ -197,10 +342,10 @@ struct ScratchLayout {
     p = alpha + rows;                           // [rows, TILE] logits, then weights
     keys = p + rows * TILE;                     // [D, TILE]
     values = keys + d * TILE;                   // [TILE, D]
-    rope = values + TILE * d;                   // [D] cos, sin of the tile start
-    value_scale = rope + d;                     // [2, TILE]
+    value_scale = values + TILE * d;            // [2, TILE]
     visible = value_scale + 2 * TILE;           // [rows] int32: keys of the tile each row sees
-    q16 = visible + rows;                       // tile products (simd_amx.h): [rows, D] bf16 queries
+    exact_lanes = visible + rows;               // [D] uint32: tile lanes of each channel that outliers hold
+    q16 = exact_lanes + d;                      // tile products (simd_amx.h): [rows, D] bf16 queries
     p_step = q16 + rows * d / 2;                // [rows, AMX_STEP] logits
     key_pairs = p_step + rows * AMX_STEP;       // [AMX_STEP / TILE, D / 2, TILE, 2] bf16
     value_pairs = key_pairs + d * AMX_STEP / 2; // [D / 16, AMX_STEP / 2, 16, 2] bf16
@@ -213,12 +358,13 @@ struct ScratchLayout {
 int64_t scratch_floats(int64_t rows, int head_dim) { return ScratchLayout(rows, head_dim).total; }
 
 template <class V>
-void rope_table(const float* inv_freq, int half, float* table) {
+void rope_tables(const float* inv_freq, int half, int64_t tiles, float* offsets, float* starts) {
   float column[256];  // half <= 128
   for (int i = 0; i < TILE; ++i) {
     V::sincos(inv_freq, i, half, column, column + half);
-    for (int c = 0; c < 2 * half; ++c) table[c * TILE + i] = column[c];
+    for (int c = 0; c < 2 * half; ++c) offsets[c * TILE + i] = column[c];
   }
+  for (int64_t k = 0; k < tiles; ++k) V::sincos(inv_freq, k * TILE, half, starts + k * 2 * half, starts + k * 2 * half + half);
 }
 
 // Keys first_key .. first_key + keys - 1 that a query at `position` sees (causal): a prefix of them.
@@ -299,15 +445,20 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
   float* p = scratch + lay.p;
   float* keys = scratch + lay.keys;
   float* values = scratch + lay.values;
-  float* rope = scratch + lay.rope;
   float* value_scale = scratch + lay.value_scale;
   int32_t* visible = reinterpret_cast<int32_t*>(scratch + lay.visible);
+  uint32_t* exact_lanes = reinterpret_cast<uint32_t*>(scratch + lay.exact_lanes);
   uint16_t* q16 = reinterpret_cast<uint16_t*>(scratch + lay.q16);
   uint16_t* key_pairs = reinterpret_cast<uint16_t*>(scratch + lay.key_pairs);
   uint16_t* value_pairs = reinterpret_cast<uint16_t*>(scratch + lay.value_pairs);
   float* p_step = scratch + lay.p_step;
   uint16_t* weights = reinterpret_cast<uint16_t*>(scratch + lay.weights);
   int slot = 0;  // the tile's place in the tile rows' softmax step (steps start with a page)
+  // Few rows (decodes) take their logits and values straight from the codes; many rows share one dequantized
+  // tile. Both give the same bits.
+  const bool few_rows = tile_rows == 0 && rows <= Blocks<V>::SCORE_ROWS;
+  const bool few_value_rows = tile_rows == 0 && rows <= Blocks<V>::template VALUE_ROWS<NG>;
+  for (int c = 0; c < D; ++c) exact_lanes[c] = 0;
 
   const F logit_scale = V::set1(pb.logit_scale);
   for (int r = 0; r < rows; ++r) {
@@ -354,22 +505,30 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       const int n = std::min(TILE, page_tokens - off);
       const int64_t t0 = page_start + off;
 
-      // ---- 1. keys
-      dequantize_keys<V, BITS, D>(seg + sec.key_codes + off * P::PACKED, key_lut, keys);
+      const bool sink_tile = pb.sink && t0 == 0;
+      const bool from_codes = few_rows && !sink_tile;
+
+      // ---- 1. keys (from_codes: their outliers only, as exact lanes)
+      const uint8_t* kcodes = seg + sec.key_codes + off * P::PACKED;
+      if (!from_codes) dequantize_keys<V, BITS, D>(kcodes, key_lut, keys);
+      const int tile_entries = entry;
       while (entry < count) {  // the head's outliers in (t, d) order: those of this tile come next
         const int position = out_pos[entry];
         const int t = position / D - off;
         if (t >= n) break;
-        if (t >= 0) keys[(position % D) * TILE + t] = V::half_to_float(out_val[entry]);
+        if (t >= 0) {
+          keys[(position % D) * TILE + t] = V::half_to_float(out_val[entry]);
+          if (from_codes) exact_lanes[position % D] |= 1u << t;
+        }
         ++entry;
       }
-      if (pb.sink && t0 == 0) {
+      if (sink_tile) {
         for (int c = 0; c < D; ++c) keys[c * TILE] = V::half_to_float(sink[c]);
       }
 
-      // ---- 2. RoPE
-      V::sincos(pb.inv_freq, t0, HALF, rope, rope + HALF);
-      for (int c = 0; c < HALF; ++c) {
+      // ---- 2. RoPE (from_codes: in score_codes)
+      const float* rope = pb.start_rope + t0 / TILE * D;  // cos, sin of the tile start
+      for (int c = 0; c < HALF && !from_codes; ++c) {
         F cos_i[NB], sin_i[NB];
         for (int b = 0; b < NB; ++b) {
           cos_i[b] = V::load(offset_cos + c * TILE + b * L);
@@ -394,8 +553,14 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       if constexpr (V::AMX) {
         if (tile_rows) V::template turned_keys_to_pairs<D>(keys, rope, key_pairs + slot * D * TILE);
       }
-      for (int r0 = tile_rows; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
-        score_block<V, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_turned + r0 * D, keys, p + r0 * TILE);
+      if (from_codes) {
+        score_codes_block<V, BITS, D>(rows, kcodes, key_lut, exact_lanes, keys, offset_cos, offset_sin, q_turned, p);
+        for (int e = tile_entries; e < entry; ++e) exact_lanes[out_pos[e] % D] = 0;
+      } else {
+        for (int r0 = tile_rows; r0 < rows; r0 += Blocks<V>::SCORE_ROWS) {
+          score_block<V, BITS, D>(std::min(Blocks<V>::SCORE_ROWS, rows - r0), q_turned + r0 * D, keys,
+                                  p + r0 * TILE);
+        }
       }
       int max_visible = 0;
       for (int r = tile_rows; r < rows; ++r) {
@@ -441,14 +606,25 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
         max_visible = std::max(max_visible, keys_seen(it.first_position + (tile_rows - 1) / g, t0, n));
       }
       const uint8_t* vcodes = seg + sec.value_codes + off * P::PACKED;
+      const uint8_t* value_idx = seg + sec.value_out_idx + off * vo;
+      const uint16_t* value_val = reinterpret_cast<const uint16_t*>(seg + sec.value_out_val) + off * vo;
+      if (few_value_rows && !sink_tile) {
+        int tokens = 0;
+        for (int r = 0; r < rows; ++r) tokens = std::max(tokens, visible[r]);
+        if (tokens > 0) {
+          accumulate_codes_block<V, BITS, D>(rows, tokens, p, alpha, vcodes, value_codes, value_book, value_scale,
+                                             value_idx, value_val, vo, acc);
+        }
+        continue;
+      }
       for (int t = 0; t < max_visible; ++t) {  // the book scaled for the token, then one permute per vector
         const auto book = V::scaled(value_book, V::set1(value_scale[t]), V::set1(value_scale[TILE + t]));
         for (int j = 0; j < NG; ++j) {
           V::store(values + t * D + j * L, V::template lookup<BITS>(book, value_codes.code(vcodes + t * P::PACKED, j)));
         }
-        const uint8_t* idx = seg + sec.value_out_idx + (off + t) * vo;
-        const uint16_t* val = reinterpret_cast<const uint16_t*>(seg + sec.value_out_val) + (off + t) * vo;
-        for (int e = 0; e < vo; ++e) values[t * D + std::min<int>(idx[e], D - 1)] = V::half_to_float(val[e]);
+        for (int e = 0; e < vo; ++e) {
+          values[t * D + std::min<int>(value_idx[t * vo + e], D - 1)] = V::half_to_float(value_val[t * vo + e]);
+        }
       }
       if (pb.sink && t0 == 0) {
         for (int j = 0; j < NG; ++j) V::store(values + j * L, V::load_half(sink + D + j * L));

@@ -39,6 +39,14 @@ struct Avx2 {
   }
   static F load_half(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+  static F blend_lanes(F v, uint32_t lanes, const float* p) {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i take = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(lanes)), bit), bit);
+    return _mm256_blendv_ps(v, _mm256_loadu_ps(p), _mm256_castsi256_ps(take));
+  }
+  static F put_where(F v, I channel, I at, F x) {
+    return _mm256_blendv_ps(v, x, _mm256_castsi256_ps(_mm256_cmpeq_epi32(channel, at)));
+  }
 
   // 2**x for x <= 0 (-inf included), as Avx512::exp2; 2**round(x) from the exponent bits (x >= -126 there,
   // below that the result is below 2**-126 and only ever multiplies masked lanes).
@@ -82,6 +90,7 @@ struct Avx2 {
   static I high_lanes(I words, I count) { return _mm256_srlv_epi32(words, count); }
   static I high_start(I words, int bit) { return _mm256_srl_epi32(words, _mm_cvtsi32_si128(bit)); }
   static I high_next(I high) { return _mm256_srli_epi32(high, 2); }
+  static I high_skip(I high) { return _mm256_srli_epi32(high, 16); }
   static I merge3(I low, I high) {
     return _mm256_or_si256(_mm256_and_si256(low, _mm256_set1_epi32(3)), _mm256_slli_epi32(high, 2));
   }

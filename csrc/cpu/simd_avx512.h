@@ -32,6 +32,12 @@ struct Avx512 {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+  // Lanes whose bit is set in `lanes` (bit l: lane l) from p, the others from v.
+  static F blend_lanes(F v, uint32_t lanes, const float* p) {
+    return _mm512_mask_loadu_ps(v, static_cast<__mmask16>(lanes), p);
+  }
+  // x in the lanes where `channel` equals `at`.
+  static F put_where(F v, I channel, I at, F x) { return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(channel, at), x); }
 
   // 2**x for x <= 0 (-inf included), to ~2 ulp: 2**round(x) x a degree-6 polynomial of the rest (Cephes exp2f).
   static F exp2(F x) {
@@ -76,6 +82,7 @@ struct Avx512 {
   static I high_lanes(I words, I count) { return _mm512_rorv_epi32(words, count); }  // lane l: bit l of count
   static I high_start(I words, int bit) { return _mm512_rorv_epi32(words, _mm512_set1_epi32((bit - 2) & 31)); }
   static I high_next(I high) { return _mm512_ror_epi32(high, 2); }  // the bit two places up
+  static I high_skip(I high) { return _mm512_ror_epi32(high, 16); }  // the bit 16 places up
   static I merge3(I low, I high) { return _mm512_ternarylogic_epi32(low, high, _mm512_set1_epi32(3), 0xE4); }
 
   // -------------------------------------------------------------------------------------- codebooks

@@ -69,6 +69,12 @@ struct Scalar {
     return out;
   }
   static F load_half(const uint16_t* p) { return map([&](int l) { return half_to_float(p[l]); }); }
+  static F blend_lanes(F v, uint32_t lanes, const float* p) {
+    return map([&](int l) { return (lanes >> l) & 1u ? p[l] : v.v[l]; });
+  }
+  static F put_where(F v, I channel, I at, F x) {
+    return map([&](int l) { return channel.v[l] == at.v[l] ? x.v[l] : v.v[l]; });
+  }
   static F exp2(F x) { return map([&](int l) { return std::exp2(x.v[l]); }); }
 
   // ------------------------------------------------------------------------------------- code words
@@ -103,6 +109,7 @@ struct Scalar {
   static I high_lanes(I words, I count) { return srlv(words, count); }
   static I high_start(I words, int bit) { return map_i([&](int l) { return words.v[l] >> bit; }); }
   static I high_next(I high) { return srli<2>(high); }
+  static I high_skip(I high) { return srli<16>(high); }
   static I merge3(I low, I high) { return map_i([&](int l) { return (low.v[l] & 3u) | ((high.v[l] & 1u) << 2); }); }
 
   // -------------------------------------------------------------------------------------- codebooks

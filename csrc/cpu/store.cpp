@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -40,12 +41,13 @@ uint16_t float_to_half(float f) {
     const int shift = 126 - static_cast<int>(x >> 23);  // 14 .. 24
     uint32_t half = mantissa >> shift;
     const uint32_t rest = mantissa & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-    if (rest > halfway || (rest == halfway && (half & 1u))) ++half;
+    half += (rest > halfway) | ((rest == halfway) & half & 1u);
     return static_cast<uint16_t>(sign | half);
   }
   uint32_t half = ((x >> 13) - (112u << 10));  // rebias the exponent 127 -> 15
   const uint32_t rest = x & 0x1FFFu;
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;  // a carry into the exponent is right
+  // Rounding without a branch (which would mispredict every other call); a carry into the exponent is right.
+  half += (rest > 0x1000u) | ((rest == 0x1000u) & half & 1u);
   return static_cast<uint16_t>(sign | half);
 }
 
@@ -77,6 +79,9 @@ struct StoreLayout {
 };
 
 constexpr int MAX_D = 256;
+// Partial maxima and minima per vector: reductions in LANES independent lanes vectorize (a float max reduced in one
+// accumulator does not, without leave to reorder), and give the same max.
+constexpr int LANES = 8;
 
 // Number of midpoints of the sorted book below x, the book's nearest entry (torch.bucketize on the midpoints).
 // COUNT is fixed per code width so that the compares unroll without branches.
@@ -158,22 +163,26 @@ const std::vector<std::pair<int, int>>& sort_network(int n) {
 // A sorting network over LANES rows at once, one row per lane: no data-dependent branch (a selection by
 // partitioning mispredicts about every other compare on 64 elements, and was most of the store's time).
 void lower_medians(const float* rows, int64_t count, int d, float* out) {
-  constexpr int LANES = 8;
+  // Vectors of 4 floats (a GCC / Clang extension, for any target with 16-byte vectors), LANES / 4 per wire: the
+  // network's min and max as vector operations, which the compiler does not find in a loop over the lanes of two
+  // rows that may be the same.
+  using Quad = float __attribute__((vector_size(16)));
+  constexpr int QUADS = LANES / 4;
   const auto& network = sort_network(d);
-  float buffer[MAX_D][LANES];
+  Quad buffer[MAX_D][QUADS];
   for (int64_t r0 = 0; r0 < count; r0 += LANES) {
     const int n = static_cast<int>(std::min<int64_t>(LANES, count - r0));
     for (int c = 0; c < d; ++c) {
-      for (int l = 0; l < LANES; ++l) buffer[c][l] = rows[(r0 + std::min(l, n - 1)) * d + c];
+      for (int l = 0; l < LANES; ++l) buffer[c][l / 4][l % 4] = rows[(r0 + std::min(l, n - 1)) * d + c];
     }
     for (const auto& [i, j] : network) {
-      for (int l = 0; l < LANES; ++l) {
-        const float a = buffer[i][l], b = buffer[j][l];
-        buffer[i][l] = std::min(a, b);
-        buffer[j][l] = std::max(a, b);
+      for (int k = 0; k < QUADS; ++k) {
+        const Quad a = buffer[i][k], b = buffer[j][k];
+        buffer[i][k] = b < a ? b : a;  // std::min and std::max, lane by lane
+        buffer[j][k] = a < b ? b : a;
       }
     }
-    for (int l = 0; l < n; ++l) out[r0 + l] = buffer[(d - 1) / 2][l];
+    for (int l = 0; l < n; ++l) out[r0 + l] = buffer[(d - 1) / 2][l / 4][l % 4];
   }
 }
 
@@ -192,7 +201,7 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
   const int d = lay.d, half = d / 2, packed = d * lay.bits / 8;
   float pre[MAX_D], normalised[MAX_D], deviation[MAX_D];
   uint8_t codes[MAX_D];
-  bool is_outlier[MAX_D];
+  alignas(8) uint8_t flag[MAX_D];  // key outliers, then value outliers
   for (int h = 0; h < lay.num_kv_heads; ++h) {
     uint8_t* seg = page + h * lay.head_stride;
     const float* x = key + h * d;
@@ -204,8 +213,17 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
     for (int c = half; c < d; ++c) pre[c] = (x[c] * cos[c] - x[c - half] * sin[c]) * inverse_gain;
     for (int c = 0; c < d; ++c) normalised[c] = (pre[c] - shift[c]) / scale[c];
     if (lay.key_capacity > 0 && !(lay.has_sink && position == 0)) {
-      for (int c = 0; c < d; ++c) {
-        if (std::fabs(normalised[c]) > 1.0f) outliers.push_back({token, h, c, float_to_half(pre[c])});
+      // Flags first (a loop that vectorizes), then the flagged channels eight flags at a time: about half the
+      // vectors hold an outlier, at channels a branch per channel would mispredict.
+      for (int c = 0; c < d; ++c) flag[c] = std::fabs(normalised[c]) > 1.0f;
+      for (int c0 = 0; c0 < d; c0 += 8) {
+        uint64_t eight;
+        std::memcpy(&eight, flag + c0, 8);
+        while (eight != 0) {
+          const int c = c0 + std::countr_zero(eight) / 8;
+          outliers.push_back({token, h, c, float_to_half(pre[c])});
+          eight &= eight - 1;  // each flag is one bit
+        }
       }
     }
     codes_of(lay.bits, normalised, d, key_mid, codes);
@@ -215,19 +233,29 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
     const float* v = value + h * d;
     const float median = medians[h];
     for (int c = 0; c < d; ++c) deviation[c] = std::fabs(v[c] - median);
-    std::fill(is_outlier, is_outlier + d, false);
-    for (int e = 0; e < lay.value_outliers; ++e) {
-      int best = -1;
-      for (int c = 0; c < d; ++c) {
-        if (!is_outlier[c] && (best < 0 || deviation[c] > deviation[best])) best = c;
+    std::fill(flag, flag + d, uint8_t{0});
+    constexpr float INF = std::numeric_limits<float>::infinity();
+    for (int e = 0; e < lay.value_outliers; ++e) {  // the largest deviation, then its lowest channel
+      float largest[LANES];
+      std::fill(largest, largest + LANES, -1.0f);  // below every deviation
+      for (int c0 = 0; c0 < d; c0 += LANES) {
+        for (int l = 0; l < LANES; ++l) largest[l] = std::max(largest[l], flag[c0 + l] ? -1.0f : deviation[c0 + l]);
       }
-      is_outlier[best] = true;
+      const float top = *std::max_element(largest, largest + LANES);
+      int best = 0;
+      while (flag[best] || !(deviation[best] == top)) ++best;
+      flag[best] = 1;
     }
-    float hi = -std::numeric_limits<float>::infinity(), lo = std::numeric_limits<float>::infinity();
-    for (int c = 0; c < d; ++c) {  // branch-free: the outliers are rare and anywhere
-      hi = std::max(hi, is_outlier[c] ? -std::numeric_limits<float>::infinity() : v[c]);
-      lo = std::min(lo, is_outlier[c] ? std::numeric_limits<float>::infinity() : v[c]);
+    float highest[LANES], lowest[LANES];  // branch-free: the outliers are rare and anywhere
+    std::fill(highest, highest + LANES, -INF);
+    std::fill(lowest, lowest + LANES, INF);
+    for (int c0 = 0; c0 < d; c0 += LANES) {
+      for (int l = 0; l < LANES; ++l) {
+        highest[l] = std::max(highest[l], flag[c0 + l] ? -INF : v[c0 + l]);
+        lowest[l] = std::min(lowest[l], flag[c0 + l] ? INF : v[c0 + l]);
+      }
     }
+    const float hi = *std::max_element(highest, highest + LANES), lo = *std::min_element(lowest, lowest + LANES);
     const uint16_t offset16 = float_to_half((hi + lo) / 2), scale16 = float_to_half(std::max((hi - lo) / 2, 1e-4f));
     const float value_offset = half_to_float(offset16), value_scale = half_to_float(scale16);
     int e = 0;
@@ -236,7 +264,7 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
     for (int c = 0; c < d; ++c) normalised[c] = (v[c] - value_offset) / value_scale;
     codes_of(lay.bits, normalised, d, value_mid, codes);
     for (int c = 0; c < d; ++c) {
-      if (is_outlier[c]) {  // in channel order, as the stored index list is
+      if (flag[c]) {  // in channel order, as the stored index list is
         out_idx[e] = static_cast<uint8_t>(c);
         out_val[e] = float_to_half(v[c]);
         ++e;
