@@ -328,30 +328,36 @@ void accumulate_codes_block(int rows, int tokens, const float* p, const float* a
   accumulate_codes<V, BITS, D, RB>(tokens, p, alpha, codes, channel_codes, book, value_scale, idx, val, vo, out);
 }
 
-// Scratch layout of one item (floats).
+// Scratch layout of one item (floats). Every section starts on a cache line (the scratch does: run_items), so that
+// no vector load or store of a section, nor a tile row, splits across two lines.
 struct ScratchLayout {
   int64_t q, q_turned, acc, m, l, alpha, p, keys, values, value_scale, visible, exact_lanes, q16, p_step,
       key_pairs, value_pairs, weights, partial, total;
   ScratchLayout(int64_t rows, int d) {
-    q = 0;                                      // [rows, D] queries x logit scale
-    q_turned = q + rows * d;                    // [rows, D] the same turned back by the tile start
-    acc = q_turned + rows * d;                  // [rows, D] unnormalised outputs
-    m = acc + rows * d;                         // [rows] running max (base 2)
-    l = m + rows;                               // [rows, 16] running denominator, per lane
-    alpha = l + rows * 16;                      // [rows] rescale of the tile
-    p = alpha + rows;                           // [rows, TILE] logits, then weights
-    keys = p + rows * TILE;                     // [D, TILE]
-    values = keys + d * TILE;                   // [TILE, D]
-    value_scale = values + TILE * d;            // [2, TILE]
-    visible = value_scale + 2 * TILE;           // [rows] int32: keys of the tile each row sees
-    exact_lanes = visible + rows;               // [D] uint32: tile lanes of each channel that outliers hold
-    q16 = exact_lanes + d;                      // tile products (simd_amx.h): [rows, D] bf16 queries
-    p_step = q16 + rows * d / 2;                // [rows, AMX_STEP] logits
-    key_pairs = p_step + rows * AMX_STEP;       // [AMX_STEP / TILE, D / 2, TILE, 2] bf16
-    value_pairs = key_pairs + d * AMX_STEP / 2; // [D / 16, AMX_STEP / 2, 16, 2] bf16
-    weights = value_pairs + d * AMX_STEP / 2;   // [rows, AMX_STEP] bf16
-    partial = weights + rows * AMX_STEP / 2;    // [4, 16, 16]
-    total = partial + 4 * 16 * 16;
+    total = 0;
+    auto section = [&](int64_t floats) {
+      const int64_t start = total;
+      total += (floats + 15) / 16 * 16;
+      return start;
+    };
+    q = section(rows * d);                      // [rows, D] queries x logit scale
+    q_turned = section(rows * d);               // [rows, D] the same turned back by the tile start
+    acc = section(rows * d);                    // [rows, D] unnormalised outputs
+    m = section(rows);                          // [rows] running max (base 2)
+    l = section(rows * 16);                     // [rows, 16] running denominator, per lane
+    alpha = section(rows);                      // [rows] rescale of the tile
+    p = section(rows * TILE);                   // [rows, TILE] logits, then weights
+    keys = section(d * TILE);                   // [D, TILE]
+    values = section(TILE * d);                 // [TILE, D]
+    value_scale = section(2 * TILE);            // [2, TILE]
+    visible = section(rows);                    // [rows] int32: keys of the tile each row sees
+    exact_lanes = section(d);                   // [D] uint32: tile lanes of each channel that outliers hold
+    q16 = section(rows * d / 2);                // tile products (simd_amx.h): [rows, D] bf16 queries
+    p_step = section(rows * AMX_STEP);          // [rows, AMX_STEP] logits
+    key_pairs = section(d * AMX_STEP / 2);      // [AMX_STEP / TILE, D / 2, TILE, 2] bf16
+    value_pairs = section(d * AMX_STEP / 2);    // [D / 16, AMX_STEP / 2, 16, 2] bf16
+    weights = section(rows * AMX_STEP / 2);     // [rows, AMX_STEP] bf16
+    partial = section(4 * 16 * 16);             // [4, 16, 16]
   }
 };
 

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -122,10 +123,12 @@ void run_items(const Kernels& kernels, const Problem& pb, const std::vector<Item
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(static_cast<size_t>(scratch));
+    // On a cache line (std::vector aligns to 16 bytes only): the kernels' vectors and tile rows are 64 bytes.
+    std::vector<float> buffer(static_cast<size_t>(scratch + 16));
+    float* aligned = buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) / sizeof(float) % 16) % 16;
     for (int64_t slot = begin; slot < end; ++slot) {
       for (int64_t i = next.fetch_add(1); i < static_cast<int64_t>(items.size()); i = next.fetch_add(1)) {
-        kernels.attend(pb, items[i], buffer.data());
+        kernels.attend(pb, items[i], aligned);
       }
     }
   });
@@ -205,11 +208,14 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   // and of every tile start that a request reaches.
   const int64_t max_len = lengths.empty() ? 0 : *std::max_element(lengths.begin(), lengths.end());
   const int64_t rope_tiles = (max_len + TILE - 1) / TILE;
-  std::vector<float> offset_rope(static_cast<size_t>(TILE * d)), start_rope(static_cast<size_t>(rope_tiles * d));
-  kernels.rope_tables(inv_freq.data_ptr<float>(), static_cast<int>(d / 2), rope_tiles, offset_rope.data(),
-                      start_rope.data());
+  // Tables as tensors: on cache lines (torch's CPU allocator aligns to 64 bytes), as the kernels' vector loads are.
+  const at::Tensor offset_rope = at::empty({TILE * d}, query.options());
+  const at::Tensor start_rope = at::empty({rope_tiles * d}, query.options());
+  kernels.rope_tables(inv_freq.data_ptr<float>(), static_cast<int>(d / 2), rope_tiles, offset_rope.data_ptr<float>(),
+                      start_rope.data_ptr<float>());
   // Each channel's key table, 16 entries (a smaller book repeated): one permute dequantizes a code.
-  std::vector<float> key_lut(static_cast<size_t>(num_kv_heads * d * 16));
+  const at::Tensor key_lut_table = at::empty({num_kv_heads * d * 16}, query.options());
+  float* key_lut = key_lut_table.data_ptr<float>();
   const float* scale = key_scale.data_ptr<float>();
   const float* offset = key_offset.data_ptr<float>();
   const float* book = key_book.data_ptr<float>();
@@ -231,11 +237,11 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   pb.key_capacity = static_cast<int>(key_capacity);
   pb.value_outliers = static_cast<int>(value_outliers);
   pb.sink = sink;
-  pb.key_lut = key_lut.data();
+  pb.key_lut = key_lut;
   pb.value_book = value_book.data_ptr<float>();
   pb.inv_freq = inv_freq.data_ptr<float>();
-  pb.offset_rope = offset_rope.data();
-  pb.start_rope = start_rope.data();
+  pb.offset_rope = offset_rope.data_ptr<float>();
+  pb.start_rope = start_rope.data_ptr<float>();
   pb.logit_scale = static_cast<float>(logit_scale);
   pb.bf16_products = bf16_products;
   pb.query = query.data_ptr<float>();
