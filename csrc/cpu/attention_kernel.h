@@ -299,11 +299,14 @@ void accumulate_codes(int tokens, const float* p, const float* alpha, const uint
     for (int t = 0; t < tokens; ++t) {
       const auto scaled = V::scaled(book, V::set1(value_scale[t]), V::set1(value_scale[TILE + t]));
       F v[CH];
-      for (int j = 0; j < CH; ++j) v[j] = V::template lookup<BITS>(scaled, channel_codes.code(codes + t * Planes<BITS, D>::PACKED, j0 + j));
+      const uint8_t* vec = codes + t * Planes<BITS, D>::PACKED;
+      for (int j = 0; j < CH; ++j) v[j] = V::template lookup<BITS>(scaled, channel_codes.code(vec, j0 + j));
       for (int e = 0; e < vo; ++e) {
         const I at = V::set1_i(std::min<int>(idx[t * vo + e], D - 1));
         const F x = V::set1(V::half_to_float(val[t * vo + e]));
-        for (int j = 0; j < CH; ++j) v[j] = V::put_where(v[j], V::add_i(V::iota(), V::set1_i((j0 + j) * L)), at, x);
+        for (int j = 0; j < CH; ++j) {
+          v[j] = V::put_where(v[j], V::add_i(V::iota(), V::set1_i((j0 + j) * L)), at, x);
+        }
       }
       for (int r = 0; r < RB; ++r) {
         const F pt = V::set1(p[r * TILE + t]);
@@ -370,7 +373,10 @@ void rope_tables(const float* inv_freq, int half, int64_t tiles, float* offsets,
     V::sincos(inv_freq, i, half, column, column + half);
     for (int c = 0; c < 2 * half; ++c) offsets[c * TILE + i] = column[c];
   }
-  for (int64_t k = 0; k < tiles; ++k) V::sincos(inv_freq, k * TILE, half, starts + k * 2 * half, starts + k * 2 * half + half);
+  for (int64_t k = 0; k < tiles; ++k) {
+    float* start = starts + k * 2 * half;
+    V::sincos(inv_freq, k * TILE, half, start, start + half);
+  }
 }
 
 // Keys first_key .. first_key + keys - 1 that a query at `position` sees (causal): a prefix of them.

@@ -37,7 +37,9 @@ struct Avx512 {
     return _mm512_mask_loadu_ps(v, static_cast<__mmask16>(lanes), p);
   }
   // x in the lanes where `channel` equals `at`.
-  static F put_where(F v, I channel, I at, F x) { return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(channel, at), x); }
+  static F put_where(F v, I channel, I at, F x) {
+    return _mm512_mask_mov_ps(v, _mm512_cmpeq_epi32_mask(channel, at), x);
+  }
 
   // 2**x for x <= 0 (-inf included), to ~2 ulp: 2**round(x) x a degree-6 polynomial of the rest (Cephes exp2f).
   static F exp2(F x) {

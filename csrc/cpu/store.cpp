@@ -241,9 +241,11 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
       for (int c0 = 0; c0 < d; c0 += LANES) {
         for (int l = 0; l < LANES; ++l) largest[l] = std::max(largest[l], flag[c0 + l] ? -1.0f : deviation[c0 + l]);
       }
+      // The first free channel at that deviation; where every free deviation is NaN (top stays -1), the first free
+      // channel. One is free: fewer outliers than channels.
       const float top = *std::max_element(largest, largest + LANES);
       int best = 0;
-      while (flag[best] || !(deviation[best] == top)) ++best;
+      while (best < d - 1 && (flag[best] || !(deviation[best] == top || top < 0.0f))) ++best;
       flag[best] = 1;
     }
     float highest[LANES], lowest[LANES];  // branch-free: the outliers are rare and anywhere
