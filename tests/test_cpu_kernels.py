@@ -327,6 +327,28 @@ def test_store_rewrite_from_the_middle_and_padding(rng):
     assert torch.equal(cpu_cache, torch_cache)
 
 
+def test_nan_values_store_valid_outlier_channels(rng):
+    """A model that overflows hands over NaN values: the store still writes each vector's value outliers at distinct
+    channels of the vector (the search for the largest deviation must not run past it when no deviation is a
+    number), and the other tokens as torch does."""
+    store = _store("kvquant3", 16, 1, 256, rng)  # three value outliers per vector
+    torch_cache = _random_pages(store, 2, rng)
+    cpu_cache = torch_cache.clone()
+    key, value = _keys_values(store, 4, 0.01, rng)
+    value[1] = float("nan")
+    value[2, :, ::2] = float("nan")
+    positions = torch.arange(1, 5)
+    _store_both(store, torch_cache, cpu_cache, key, value, positions, positions, ROPES["plain"](256))
+    channels = store.layout.view(cpu_cache, "value_out_idx")[0, 0, 1:5].long()  # [tokens, 3]
+    assert bool((channels < 256).all())
+    assert all(len(set(row.tolist())) == 3 for row in channels)
+    view = store.layout.view
+    assert torch.equal(view(cpu_cache, "key_codes")[0, 0, 1:5], view(torch_cache, "key_codes")[0, 0, 1:5])
+    for section in ("value_codes", "value_scale", "value_offset", "value_out_idx", "value_out_val"):
+        finite = [1, 4]  # the offsets of tokens 0 and 3
+        assert torch.equal(view(cpu_cache, section)[0, 0, finite], view(torch_cache, section)[0, 0, finite]), section
+
+
 def test_sections_in_the_order_of_the_cpp_struct():
     """The op takes PageLayout.sections() offsets in their order: the C++ struct Sections must list the same names."""
     header = (cpu_build.CSRC / "attention.h").read_text()
