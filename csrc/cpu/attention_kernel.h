@@ -21,7 +21,7 @@
 //      the codes of L channels from one load of the plane's words, a variable shift and one permute), the vector's
 //      outliers and the sink, accumulated into the rows' outputs, several rows per pass over the tile.
 // An item of few rows (a decode) runs steps 1-3 and 4 straight from the codes, the keys and values never leaving
-// registers (score_codes, accumulate_codes), in the same operations and order, so that its rows get the same bits.
+// registers (score_codes, CodedValues), in the same operations and order, so that its rows get the same bits.
 // With AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and 4's products from bf16 tiles, and
 // their softmax steps over AMX_STEP keys (four tiles of a page) at a time.
 // Nothing is allocated: the rows' state and the tile live in the caller's scratch.
@@ -53,60 +53,68 @@ struct Planes {
   static constexpr int PER_WORD = 32 / LOW_WIDTH;  // channels per low-plane word
 };
 
+// The i-th low-plane word in the order that every path walks a tile's key codes, and so sums a logit's channels:
+// for 3-bit codes, low words w and w + HIGH_WORDS in turn, as they share high word w.
+template <int BITS, int D>
+constexpr int walked_word(int i) {
+  return BITS == 3 ? i / 2 + i % 2 * Planes<BITS, D>::HIGH_WORDS : i;
+}
+
+// fn(low, high, w) for each low-plane word w of the tokens in lanes [b * L, b * L + L) of a tile's key codes, in
+// walked order: `low` holds each lane's word w, `high` (3-bit codes) its high-plane word, turned so that the third
+// bit of word w's first channel is where V::merge3 takes it.
+template <class V, int BITS, int D, class Fn>
+void for_each_word(const uint8_t* codes, int b, Fn&& fn) {
+  using I = typename V::I;
+  using P = Planes<BITS, D>;
+  alignas(64) int32_t word0[V::L];  // word 0 of each lane's token, in words from `codes`
+  for (int l = 0; l < V::L; ++l) word0[l] = (b * V::L + l) * P::WORDS;
+  const I first = V::load_words(reinterpret_cast<const uint8_t*>(word0));
+  auto word = [&](int w) { return V::gather(codes, V::add_i(first, V::set1_i(w))); };
+  I high{};
+  for (int i = 0; i < P::LOW_WORDS; ++i) {
+    const int w = walked_word<BITS, D>(i);
+    if constexpr (BITS == 3) {
+      // Low words w and w + HIGH_WORDS share high word w: their channels' third bits sit at even and odd bits.
+      if (i % 2 == 0) high = word(P::LOW_WORDS + w);
+      fn(word(w), V::high_start(high, i % 2), w);
+    } else {
+      fn(word(w), I{}, w);
+    }
+  }
+}
+
 // Keys of a tile, token-major: keys[c * TILE + i] = dequantized channel c of token i (pre-RoPE).
 template <class V, int BITS, int D>
 void dequantize_keys(const uint8_t* codes, const float* lut, float* keys) {
   using I = typename V::I;
   using P = Planes<BITS, D>;
   constexpr int L = V::L, NB = TILE / L;
-  alignas(64) int32_t word0[TILE];  // word 0 of each token, in words from `codes`
-  for (int i = 0; i < TILE; ++i) word0[i] = i * P::WORDS;
-  I first[NB];
-  for (int b = 0; b < NB; ++b) first[b] = V::load_words(reinterpret_cast<const uint8_t*>(word0 + b * L));
-  auto channels = [&](I low, I high, int w, int b) {  // the PER_WORD channels of low-plane word w
-    for (int k = 0; k < P::PER_WORD; ++k) {
-      const int c = k * P::LOW_WORDS + w;
-      I code = low;
-      if constexpr (BITS == 3) code = V::merge3(low, high);
-      V::store(keys + c * TILE + b * L, V::template lookup_table<BITS>(lut + c * 16, code));
-      low = V::template srli<P::LOW_WIDTH>(low);
-      if constexpr (BITS == 3) high = V::high_next(high);
-    }
-  };
   for (int b = 0; b < NB; ++b) {
-    if constexpr (BITS == 3) {
-      // Low words w and w + HIGH_WORDS share high word w: their channels' third bits sit at even and odd bits.
-      for (int w = 0; w < P::HIGH_WORDS; ++w) {
-        const I high = V::gather(codes, V::add_i(first[b], V::set1_i(P::LOW_WORDS + w)));
-        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w))), V::high_start(high, 0), w, b);
-        channels(V::gather(codes, V::add_i(first[b], V::set1_i(w + P::HIGH_WORDS))), V::high_start(high, 1),
-                 w + P::HIGH_WORDS, b);
+    for_each_word<V, BITS, D>(codes, b, [&](I low, I high, int w) {  // the PER_WORD channels of word w
+      for (int k = 0; k < P::PER_WORD; ++k) {
+        const int c = k * P::LOW_WORDS + w;
+        I code = low;
+        if constexpr (BITS == 3) code = V::merge3(low, high);
+        V::store(keys + c * TILE + b * L, V::template lookup_table<BITS>(lut + c * 16, code));
+        low = V::template srli<P::LOW_WIDTH>(low);
+        if constexpr (BITS == 3) high = V::high_next(high);
       }
-    } else {
-      for (int w = 0; w < P::LOW_WORDS; ++w) channels(V::gather(codes, V::add_i(first[b], V::set1_i(w))), I{}, w, b);
-    }
+    });
   }
 }
 
 // The order in which a logit sums its channels, on both paths (keys from the tile, and codes straight to logits),
 // so that a row's logits do not depend on which path its item took: the pairs (c, c + D / 2) that RoPE turns
-// together, whose codes sit 16 bits apart in the same plane words, word by word in the order of dequantize_keys.
+// together, whose codes sit 16 bits apart in the same plane words, word by word in walked order.
 template <int BITS, int D>
 struct PairOrder {
   using P = Planes<BITS, D>;
   int channel[D / 2];  // the low channel of each pair
   constexpr PairOrder() : channel() {
-    int i = 0;
-    auto word = [&](int w) {
-      for (int k = 0; k < P::PER_WORD / 2; ++k) channel[i++] = k * P::LOW_WORDS + w;
-    };
-    if constexpr (BITS == 3) {
-      for (int w = 0; w < P::HIGH_WORDS; ++w) {
-        word(w);
-        word(w + P::HIGH_WORDS);
-      }
-    } else {
-      for (int w = 0; w < P::LOW_WORDS; ++w) word(w);
+    int n = 0;
+    for (int i = 0; i < P::LOW_WORDS; ++i) {
+      for (int k = 0; k < P::PER_WORD / 2; ++k) channel[n++] = k * P::LOW_WORDS + walked_word<BITS, D>(i);
     }
   }
 };
@@ -122,10 +130,7 @@ void score_codes(const uint8_t* codes, const float* lut, const uint32_t* exact_l
   using I = typename V::I;
   using P = Planes<BITS, D>;
   constexpr int L = V::L, NB = TILE / L, HALF = D / 2;
-  alignas(64) int32_t word0[TILE];
-  for (int i = 0; i < TILE; ++i) word0[i] = i * P::WORDS;
   for (int b = 0; b < NB; ++b) {
-    const I first = V::load_words(reinterpret_cast<const uint8_t*>(word0 + b * L));
     F acc[RB];
     for (int r = 0; r < RB; ++r) acc[r] = V::zero();
     auto pairs = [&](I low, I high, int w) {
@@ -156,16 +161,7 @@ void score_codes(const uint8_t* codes, const float* lut, const uint32_t* exact_l
         }
       }
     };
-    if constexpr (BITS == 3) {
-      for (int w = 0; w < P::HIGH_WORDS; ++w) {
-        const I high = V::gather(codes, V::add_i(first, V::set1_i(P::LOW_WORDS + w)));
-        pairs(V::gather(codes, V::add_i(first, V::set1_i(w))), V::high_start(high, 0), w);
-        pairs(V::gather(codes, V::add_i(first, V::set1_i(w + P::HIGH_WORDS))), V::high_start(high, 1),
-              w + P::HIGH_WORDS);
-      }
-    } else {
-      for (int w = 0; w < P::LOW_WORDS; ++w) pairs(V::gather(codes, V::add_i(first, V::set1_i(w))), I{}, w);
-    }
+    for_each_word<V, BITS, D>(codes, b, pairs);
     for (int r = 0; r < RB; ++r) V::store(s + r * TILE + b * L, acc[r]);
   }
 }
@@ -248,9 +244,43 @@ void score_block(int rows, const float* q, const float* keys, float* s) {
   score_rows<V, BITS, D, RB>(q, keys, s);
 }
 
+// Where accumulate_rows takes a tile's values from: vectors<CH>(t, j0, v) gives token t's channels [j0 * L,
+// (j0 + CH) * L) as CH vectors, inlined (a call per token would pass the vectors through memory).
+template <class V, int D>
+struct TileValues {  // dequantized: [TILE, D] floats
+  const float* values;
+  template <int CH>
+  [[gnu::always_inline]] void vectors(int t, int j0, typename V::F* v) const {
+    for (int j = 0; j < CH; ++j) v[j] = V::load(values + t * D + (j0 + j) * V::L);
+  }
+};
+
+template <class V, int BITS, int D>
+struct CodedValues {  // straight from a tile's codes: never leaving registers
+  const ChannelCodes<V, BITS, D>& channel_codes;
+  const typename V::Book& book;  // the decode codebook
+  const uint8_t* codes;          // [TILE, D * BITS / 8]
+  const float* scale;            // [2, TILE]: each token's scale, then its offset
+  const uint8_t* idx;            // [TILE, vo]: channels of the vector's outliers
+  const uint16_t* val;           // [TILE, vo] fp16: their values
+  int vo;
+  // The codebook scaled and offset for the token, one permute per vector, then the outliers in their order.
+  template <int CH>
+  [[gnu::always_inline]] void vectors(int t, int j0, typename V::F* v) const {
+    const auto scaled = V::scaled(book, V::set1(scale[t]), V::set1(scale[TILE + t]));
+    const uint8_t* vec = codes + t * Planes<BITS, D>::PACKED;
+    for (int j = 0; j < CH; ++j) v[j] = V::template lookup<BITS>(scaled, channel_codes.code(vec, j0 + j));
+    for (int e = 0; e < vo; ++e) {
+      const int at = std::min<int>(idx[t * vo + e], D - 1);
+      const auto x = V::set1(V::half_to_float(val[t * vo + e]));
+      for (int j = 0; j < CH; ++j) v[j] = V::put_where(v[j], V::iota(), V::set1_i(at - (j0 + j) * V::L), x);
+    }
+  }
+};
+
 // out[r] = out[r] * alpha[r] + sum_i p[r * TILE + i] * values[i], i < tokens, for RB rows (D floats apart).
-template <class V, int D, int RB>
-void accumulate_rows(int tokens, const float* p, const float* alpha, const float* values, float* out) {
+template <class V, int D, int RB, class Values>
+void accumulate_rows(int tokens, const float* p, const float* alpha, const Values& values, float* out) {
   using F = typename V::F;
   constexpr int L = V::L, NG = D / L, CH = Blocks<V>::template CHUNK<NG>;
   for (int j0 = 0; j0 < NG; j0 += CH) {
@@ -261,7 +291,7 @@ void accumulate_rows(int tokens, const float* p, const float* alpha, const float
     }
     for (int t = 0; t < tokens; ++t) {
       F v[CH];
-      for (int j = 0; j < CH; ++j) v[j] = V::load(values + t * D + (j0 + j) * L);
+      values.template vectors<CH>(t, j0, v);
       for (int r = 0; r < RB; ++r) {
         const F pt = V::set1(p[r * TILE + t]);
         for (int j = 0; j < CH; ++j) acc[r][j] = V::fmadd(pt, v[j], acc[r][j]);
@@ -272,63 +302,12 @@ void accumulate_rows(int tokens, const float* p, const float* alpha, const float
   }
 }
 
-template <class V, int D, int RB = Blocks<V>::template VALUE_ROWS<D / V::L>>
-void accumulate_block(int rows, int tokens, const float* p, const float* alpha, const float* values, float* out) {
+template <class V, int D, int RB = Blocks<V>::template VALUE_ROWS<D / V::L>, class Values>
+void accumulate_block(int rows, int tokens, const float* p, const float* alpha, const Values& values, float* out) {
   if constexpr (RB > 1) {
     if (rows < RB) return accumulate_block<V, D, RB - 1>(rows, tokens, p, alpha, values, out);
   }
   accumulate_rows<V, D, RB>(tokens, p, alpha, values, out);
-}
-
-// accumulate_rows with the tile's values straight from their codes, never leaving registers: per token, the
-// codebook scaled and offset for the token, one permute per vector, and the vector's vo outliers (channel idx[e]
-// takes val[e]). Equal, bit for bit, to accumulate_rows over the values that attend() dequantizes.
-template <class V, int BITS, int D, int RB>
-void accumulate_codes(int tokens, const float* p, const float* alpha, const uint8_t* codes,
-                      const ChannelCodes<V, BITS, D>& channel_codes, const typename V::Book& book,
-                      const float* value_scale, const uint8_t* idx, const uint16_t* val, int vo, float* out) {
-  using F = typename V::F;
-  using I = typename V::I;
-  constexpr int L = V::L, NG = D / L, CH = Blocks<V>::template CHUNK<NG>;
-  for (int j0 = 0; j0 < NG; j0 += CH) {
-    F acc[RB][CH];
-    for (int r = 0; r < RB; ++r) {
-      const F a = V::set1(alpha[r]);
-      for (int j = 0; j < CH; ++j) acc[r][j] = V::mul(V::load(out + r * D + (j0 + j) * L), a);
-    }
-    for (int t = 0; t < tokens; ++t) {
-      const auto scaled = V::scaled(book, V::set1(value_scale[t]), V::set1(value_scale[TILE + t]));
-      F v[CH];
-      const uint8_t* vec = codes + t * Planes<BITS, D>::PACKED;
-      for (int j = 0; j < CH; ++j) v[j] = V::template lookup<BITS>(scaled, channel_codes.code(vec, j0 + j));
-      for (int e = 0; e < vo; ++e) {
-        const I at = V::set1_i(std::min<int>(idx[t * vo + e], D - 1));
-        const F x = V::set1(V::half_to_float(val[t * vo + e]));
-        for (int j = 0; j < CH; ++j) {
-          v[j] = V::put_where(v[j], V::add_i(V::iota(), V::set1_i((j0 + j) * L)), at, x);
-        }
-      }
-      for (int r = 0; r < RB; ++r) {
-        const F pt = V::set1(p[r * TILE + t]);
-        for (int j = 0; j < CH; ++j) acc[r][j] = V::fmadd(pt, v[j], acc[r][j]);
-      }
-    }
-    for (int r = 0; r < RB; ++r)
-      for (int j = 0; j < CH; ++j) V::store(out + r * D + (j0 + j) * L, acc[r][j]);
-  }
-}
-
-template <class V, int BITS, int D, int RB = Blocks<V>::template VALUE_ROWS<D / V::L>>
-void accumulate_codes_block(int rows, int tokens, const float* p, const float* alpha, const uint8_t* codes,
-                            const ChannelCodes<V, BITS, D>& channel_codes, const typename V::Book& book,
-                            const float* value_scale, const uint8_t* idx, const uint16_t* val, int vo, float* out) {
-  if constexpr (RB > 1) {
-    if (rows < RB) {
-      return accumulate_codes_block<V, BITS, D, RB - 1>(rows, tokens, p, alpha, codes, channel_codes, book,
-                                                        value_scale, idx, val, vo, out);
-    }
-  }
-  accumulate_codes<V, BITS, D, RB>(tokens, p, alpha, codes, channel_codes, book, value_scale, idx, val, vo, out);
 }
 
 // Scratch layout of one item (floats). Every section starts on a cache line (the scratch does: run_items), so that
@@ -617,28 +596,28 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       if (tile_rows) {  // the last tile row sees the most keys
         max_visible = std::max(max_visible, keys_seen(it.first_position + (tile_rows - 1) / g, t0, n));
       }
-      const uint8_t* vcodes = seg + sec.value_codes + off * P::PACKED;
-      const uint8_t* value_idx = seg + sec.value_out_idx + off * vo;
-      const uint16_t* value_val = reinterpret_cast<const uint16_t*>(seg + sec.value_out_val) + off * vo;
-      if (few_value_rows && !sink_tile) {
-        int tokens = 0;
-        for (int r = 0; r < rows; ++r) tokens = std::max(tokens, visible[r]);
-        if (tokens > 0) {
-          accumulate_codes_block<V, BITS, D>(rows, tokens, p, alpha, vcodes, value_codes, value_book, value_scale,
-                                             value_idx, value_val, vo, acc);
+      const CodedValues<V, BITS, D> coded{value_codes, value_book, seg + sec.value_codes + off * P::PACKED,
+                                          value_scale, seg + sec.value_out_idx + off * vo,
+                                          reinterpret_cast<const uint16_t*>(seg + sec.value_out_val) + off * vo, vo};
+      auto accumulate_fma_rows = [&](const auto& source) {
+        constexpr int VR = Blocks<V>::template VALUE_ROWS<NG>;
+        for (int r0 = tile_rows; r0 < rows; r0 += VR) {
+          const int rb = std::min(VR, rows - r0);
+          int tokens = 0;
+          for (int r = r0; r < r0 + rb; ++r) tokens = std::max(tokens, visible[r]);
+          if (tokens > 0) accumulate_block<V, D>(rb, tokens, p + r0 * TILE, alpha + r0, source, acc + r0 * D);
         }
+      };
+      if (few_value_rows && !sink_tile) {
+        accumulate_fma_rows(coded);
         continue;
       }
-      for (int t = 0; t < max_visible; ++t) {  // the book scaled for the token, then one permute per vector
-        const auto book = V::scaled(value_book, V::set1(value_scale[t]), V::set1(value_scale[TILE + t]));
-        for (int j = 0; j < NG; ++j) {
-          V::store(values + t * D + j * L, V::template lookup<BITS>(book, value_codes.code(vcodes + t * P::PACKED, j)));
-        }
-        for (int e = 0; e < vo; ++e) {
-          values[t * D + std::min<int>(value_idx[t * vo + e], D - 1)] = V::half_to_float(value_val[t * vo + e]);
-        }
+      for (int t = 0; t < max_visible; ++t) {
+        F v[NG];
+        coded.template vectors<NG>(t, 0, v);
+        for (int j = 0; j < NG; ++j) V::store(values + t * D + j * L, v[j]);
       }
-      if (pb.sink && t0 == 0) {
+      if (sink_tile) {
         for (int j = 0; j < NG; ++j) V::store(values + j * L, V::load_half(sink + D + j * L));
       }
       if constexpr (V::AMX) {
@@ -664,13 +643,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
           }
         }
       }
-      constexpr int VR = Blocks<V>::template VALUE_ROWS<NG>;
-      for (int r0 = tile_rows; r0 < rows; r0 += VR) {
-        const int rb = std::min(VR, rows - r0);
-        int tokens = 0;
-        for (int r = r0; r < r0 + rb; ++r) tokens = std::max(tokens, visible[r]);
-        if (tokens > 0) accumulate_block<V, D>(rb, tokens, p + r0 * TILE, alpha + r0, values, acc + r0 * D);
-      }
+      accumulate_fma_rows(TileValues<V, D>{values});
     }
   }
 
