@@ -121,9 +121,9 @@ void check_float_table(const at::Tensor& t, const char* name, at::IntArrayRef sh
 
 // out [num_seqs, num_q_heads, D] (written), query [num_seqs, num_q_heads, D] (last dim contiguous),
 // cache [num_blocks, page_stride] uint8 (rows contiguous, 16-byte aligned), block_table [num_seqs, max_blocks]
-// int32, seq_lens [num_seqs] int32, key_scale/key_offset [H, D] float32, key_book/value_book [2**bits] float32,
-// inv_freq [D / 2] float32. scale: the softmax scale times the RoPE scaling factor (keys are rotated by unscaled
-// cos/sin). max_seq_len >= max(seq_lens) plans the split-K partitions. head_stride and sections: the page layout.
+// int32, seq_lens [num_seqs] int32, key_scale/key_offset [H, D] float32, key_book [H, D, 2**bits] float32 (a book
+// per channel), value_book [2**bits] float32, inv_freq [D / 2] float32. scale: the softmax scale times the RoPE
+// scaling factor (keys are rotated by unscaled cos/sin). max_seq_len >= max(seq_lens) plans the split-K partitions. head_stride and sections: the page layout.
 void paged_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
                   const at::Tensor& seq_lens, const at::Tensor& key_scale, const at::Tensor& key_offset,
                   const at::Tensor& key_book, const at::Tensor& value_book, const at::Tensor& inv_freq, double scale,
@@ -151,7 +151,7 @@ void paged_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& ca
               "kvquant paged decode: seq_lens must be a contiguous [num_seqs]");
   check_float_table(key_scale, "key_scale", {num_kv_heads, head_dim}, device);
   check_float_table(key_offset, "key_offset", {num_kv_heads, head_dim}, device);
-  check_float_table(key_book, "key_book", {int64_t{1} << bits}, device);
+  check_float_table(key_book, "key_book", {num_kv_heads, head_dim, int64_t{1} << bits}, device);
   check_float_table(value_book, "value_book", {int64_t{1} << bits}, device);
   check_float_table(inv_freq, "inv_freq", {head_dim / 2}, device);
   TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, "kvquant paged decode: ", num_q_heads,

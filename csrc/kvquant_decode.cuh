@@ -69,7 +69,7 @@ struct DecodeParams {
   const int32_t* seq_lens;    // [num_seqs]
   const float* key_scale;     // [H, D]
   const float* key_offset;    // [H, D]
-  const float* key_book;      // [2**BITS] decode codebook
+  const float* key_book;      // [H, D, 2**BITS] decode codebooks, one per channel
   const float* value_book;    // [2**BITS]
   const float* inv_freq;      // [D / 2] RoPE inverse frequencies
   float logit_scale;          // softmax scale x RoPE scaling x log2(e): logits in log2 units
@@ -725,7 +725,9 @@ __global__ void __launch_bounds__(NUM_THREADS, Geometry<HEAD_DIM, BITS>::MIN_BLO
       const int c = i / G::NUM_CODES, code = i % G::NUM_CODES;
       // The product rounded before the sum, as the PyTorch load computes it.
       lut[lut_row(c >> 3, c & 7) * G::NUM_CODES + code] =
-          __fadd_rn(__fmul_rn(p.key_book[code], p.key_scale[kv_head * HEAD_DIM + c]), p.key_offset[kv_head * HEAD_DIM + c]);
+          __fadd_rn(__fmul_rn(p.key_book[(kv_head * HEAD_DIM + c) * G::NUM_CODES + code],
+                              p.key_scale[kv_head * HEAD_DIM + c]),
+                    p.key_offset[kv_head * HEAD_DIM + c]);
     }
     float4* rope = reinterpret_cast<float4*>(smem + S::ROPE);
     for (int i = tid; i < G::TILE * HEAD_DIM / 4; i += NUM_THREADS) {

@@ -63,8 +63,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             fisher=not args.no_fisher,
             key_position="post-rope" if args.post_rope else "pre-rope",
             key_granularity="token" if args.per_token_keys else "channel",
-            value_outliers=not args.no_value_outliers,
+            value_outliers=args.value_outliers,
             outlier_allocation="even" if args.even_outliers else "fisher",
+            value_rotation=not args.no_value_rotation,
+            # Per-token keys share one normalised space across channels: one codebook per layer.
+            key_books="layer" if args.layer_key_books or args.per_token_keys else "channel",
         )
     (path,) = calibrate_model(
         args.model,
@@ -151,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--no-fisher", action="store_true", help="unweighted k-means codebooks")
     ablation.add_argument("--post-rope", action="store_true", help="quantize keys after RoPE")
     ablation.add_argument("--per-token-keys", action="store_true", help="keys per token instead of per channel")
-    ablation.add_argument("--no-value-outliers", action="store_true", help="no exact value outliers per vector")
+    ablation.add_argument("--value-outliers", action="store_true", help="exact value outliers per vector (top-k)")
+    ablation.add_argument("--no-value-rotation", action="store_true", help="quantize values in their own basis")
+    ablation.add_argument("--layer-key-books", action="store_true",
+                          help="one key codebook per layer (default: one per channel)")
     ablation.add_argument("--even-outliers", action="store_true",
                           help="the same key outlier fraction in every channel (default: shared by Fisher-weighted error)")
     p.set_defaults(func=cmd_calibrate)

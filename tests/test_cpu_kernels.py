@@ -168,8 +168,8 @@ def test_stored_bytes_depend_on_the_token_alone(rng):
 def test_every_side_table_counts(rng):
     """Key outliers, value outliers and the sink each move the result far past the tolerance, and the kernel
     follows the reference with each of them removed: none is ignored or read from the wrong place."""
-    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant3", 32, 2, 64, 3, 0.05, (70, 33), "llama3",
-                                                                 rng)
+    store, cache, block_table, seq_lens, rope = _attention_setup("kvquant3-valueoutliers", 32, 2, 64, 3, 0.05,
+                                                                 (70, 33), "llama3", rng)
     lay = store.layout
     assert int(lay.view(cache, "key_out_count")[block_table.flatten()].max()) == lay.key_outlier_capacity
     query = torch.randn(2, 6, 64, generator=rng) * 3
@@ -331,7 +331,7 @@ def test_nan_values_store_valid_outlier_channels(rng):
     """A model that overflows hands over NaN values: the store still writes each vector's value outliers at distinct
     channels of the vector (the search for the largest deviation must not run past it when no deviation is a
     number), and the other tokens as torch does."""
-    store = _store("kvquant3", 16, 1, 256, rng)  # three value outliers per vector
+    store = _store("kvquant3-valueoutliers", 16, 1, 256, rng)  # three value outliers per vector
     torch_cache = _random_pages(store, 2, rng)
     cpu_cache = torch_cache.clone()
     key, value = _keys_values(store, 4, 0.01, rng)

@@ -33,7 +33,7 @@ CASES = {
     "fp32-3bit-nooutliers-gqa12-empty": (torch.float32, "kvquant3-nooutliers", 16, 1, 64, 12, 0.004, (33, 0, 2),
                                          "plain", 1),
     "fp16-3bit-d128-nosink": (torch.float16, "kvquant3-nosink", 32, 2, 128, 1, 0.0, (45, 1), "plain", 1),
-    "fp32-3bit-d256-value-outliers": (torch.float32, "kvquant3", 16, 1, 256, 2, 0.004, (40, 3), "yarn", 1),
+    "fp32-3bit-d256-value-outliers": (torch.float32, "kvquant3-valueoutliers", 16, 1, 256, 2, 0.004, (40, 3), "yarn", 1),
     "fp16-3bit-bs256-gqa8-split-midpage": (torch.float16, "kvquant3", 256, 1, 64, 8, 0.05, (600, 255), "llama3", 132),
     "bf16-4bit-d256-gqa5": (torch.bfloat16, "kvquant4", 32, 2, 256, 5, 0.01, (50, 17), "llama3", 1),
     "fp16-2bit-d128-split": (torch.float16, "kvquant2", 16, 2, 128, 2, 0.01, (400, 130, 1), "yarn", 132),

@@ -16,6 +16,7 @@ from kvquant_vllm.quant.kvquant import (
 from calib_helpers import random_calibration
 from kvquant_vllm.quant.registry import MissingCalibrationError, get_codec
 from kvquant_vllm.quant.rope import apply_rope, invert_rope, rope_cos_sin
+from kvquant_vllm.quant.rotation import value_rotation
 
 H, D = 2, 16
 GEO = AttentionGeometry(num_layers=1, num_kv_heads=H, head_dim=D, rope_theta=10000.0, rope_type="default")
@@ -27,8 +28,9 @@ def _calibration(spec: CalibrationSpec, rng) -> KVQuantCalibration:
 
 def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torch.Tensor,
                     block_size: int | None = None, capacity: int = 0) -> torch.Tensor:
-    """float64 reference: per-channel normalise, argmin over the codebook, outliers and sink exact; with a
-    block size, only the first ``capacity`` outliers of each block and kv head (token, channel order) are exact."""
+    """float64 reference: per-channel normalise, argmin over the codebook (one [K] or one per channel [H, D, K]),
+    outliers and sink exact; with a block size, only the first ``capacity`` outliers of each block and kv head
+    (token, channel order) are exact."""
     x = x.double()
     xn = (x - cal.key_offset.double()) / cal.key_scale.double()
     out = xn.abs() > 1
@@ -39,7 +41,8 @@ def _reference_keys(x, cal: LayerCalibration, book: torch.Tensor, dec_book: torc
                 block = out[start:start + block_size, head]  # a view: written through
                 block[block.flatten().cumsum(0).view(block.shape) > capacity] = False
     codes = (xn.clamp(-1, 1)[..., None] - book.double()).abs().argmin(-1)
-    rec = dec_book.double()[codes] * cal.key_scale.double() + cal.key_offset.double()
+    entries = dec_book.double().expand(*codes.shape, dec_book.shape[-1]).gather(-1, codes[..., None])[..., 0]
+    rec = entries * cal.key_scale.double() + cal.key_offset.double()
     rec = torch.where(out, x.half().double(), rec)
     rec[0] = x[0].half().double()
     return rec
@@ -88,7 +91,7 @@ def test_qnorm_changes_only_decoding(rng):
 
 
 def test_values_per_token_with_topk_outliers(rng):
-    spec = CalibrationSpec(3)
+    spec = CalibrationSpec(3, value_rotation=False, value_outliers=True)
     codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, sink_tokens=0), _calibration(spec, rng))
     x = torch.randn(17, H, D, generator=rng)
     x[3, 1, 5] = 40.0  # one huge outlier per vector at most (k = 1 for D=16 at 1%)
@@ -117,10 +120,13 @@ def test_sink_token_exact(rng):
     spec = CalibrationSpec(2)
     codec = KVQuantCodec("kvquant2", KVQuantOptions(spec), _calibration(spec, rng))
     x = torch.randn(9, H, D, generator=rng)
+    rotation = value_rotation(D)
     for kind in ("key", "value"):
         rec = codec.decode(codec.encode(x, kind, 0))
-        assert torch.equal(rec[0], x[0].half().float())
-        assert not torch.equal(rec[1], x[1].half().float())
+        # values: 16-bit in the basis they are stored in
+        exact = x[0].half().float() if kind == "key" else (x[0] @ rotation).half().float() @ rotation.T
+        assert torch.equal(rec[0], exact)
+        assert (rec[1] - x[1]).abs().max() > 1e-2
 
 
 def test_post_rope_round_trip(rng):
@@ -145,9 +151,13 @@ def test_rope_inverse_exact(rng):
 def test_bits_per_element():
     spec = CalibrationSpec(3)
     codec = KVQuantCodec("kvquant3", KVQuantOptions(spec), _calibration(spec, torch.Generator().manual_seed(0)))
-    # keys: 3 + 1% * 32; values (D=64): 3 + 32/64 + 1 outlier * 32/64; sink: 16/2048.
-    expected = ((3 + 0.32) + (3 + 0.5 + 0.5)) / 2 + 16 / 2048
+    # keys: 3 + 1% * 32; values (D=64, rotated, no outliers): 3 + 32/64; sink: 16/2048.
+    expected = ((3 + 0.32) + (3 + 0.5)) / 2 + 16 / 2048
     assert codec.bits_per_element(64, 2048) == pytest.approx(expected)
+    spec = CalibrationSpec(3, value_rotation=False, value_outliers=True)
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec), _calibration(spec, torch.Generator().manual_seed(0)))
+    # values with one outlier per vector (fp16 value and its position): 3 + 32/64 + 32/64
+    assert codec.bits_per_element(64, 2048) == pytest.approx(((3 + 0.32) + (3 + 0.5 + 0.5)) / 2 + 16 / 2048)
 
 
 def test_methods_need_their_calibration(rng):

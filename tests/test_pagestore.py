@@ -26,7 +26,7 @@ def _store_in_chunks(store, cache, key, value, blocks, chunks):
     for n in chunks:
         pos = torch.arange(start, start + n)
         slots = blocks[pos // bs] * bs + pos % bs
-        store.store(cache, key[start:start + n], value[start:start + n], slots, pos)
+        store.store(cache, key[start:start + n], store.rotate_values(value[start:start + n]), slots, pos)
         start += n
 
 
@@ -37,7 +37,7 @@ def _read(store, cache, blocks, length):
     if store.sink:
         sink = store.sinks(cache, blocks[:1])[0]
         k[0], v[0] = sink[0], sink[1]
-    return k, v
+    return k, store.unrotate(v)
 
 
 def _codec(dtype: str, cal, block_size: int) -> KVQuantCodec:
@@ -108,7 +108,7 @@ def test_a_stored_token_does_not_change_when_later_tokens_arrive(rng):
     seen = []
     for t in range(32):
         pos = torch.tensor([t])
-        store.store(stepwise, key[pos], value[pos], 32 + pos, pos)
+        store.store(stepwise, key[pos], store.rotate_values(value[pos]), 32 + pos, pos)
         seen.append(store.load(stepwise, torch.tensor([1]))[0][0, : t + 1])
     assert (store.layout.view(whole, "key_out_count")[1] == store.layout.key_outlier_capacity).all()
     assert torch.equal(stepwise, whole)
@@ -189,7 +189,7 @@ def test_kv_heads_of_a_calibration(rng):
     for full, sliced in zip(cal.layers, part.layers):
         assert torch.equal(sliced.key_scale, full.key_scale[1:3])
         assert torch.equal(sliced.key_offset, full.key_offset[1:3])
-        assert torch.equal(sliced.key_codebook, full.key_codebook)
+        assert torch.equal(sliced.key_codebook, full.key_codebook[1:3])  # per channel
     for bad in (range(3, 5), range(2, 2), range(0, 4, 2)):
         with pytest.raises(ValueError, match="not consecutive heads of the calibration's 4"):
             cal.kv_heads(bad)

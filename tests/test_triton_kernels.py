@@ -108,7 +108,7 @@ ATTENTION_CASES = {
     "2bit-bs64-d64-gqa4-split": ("kvquant2", 64, 2, 64, 4, 0.004, (130, 64, 7), 2, "yarn"),
     "3bit-no-outliers": ("kvquant3-nooutliers", 16, 2, 64, 3, 0.004, (33, 2), 2, "plain"),
     "3bit-no-sink-empty-lists": ("kvquant3-nosink", 32, 2, 128, 1, 0.0, (45, 1), 1, "plain"),
-    "3bit-d256-three-value-outliers": ("kvquant3", 16, 1, 256, 2, 0.004, (20, 3), 2, "yarn"),
+    "3bit-d256-three-value-outliers": ("kvquant3-valueoutliers", 16, 1, 256, 2, 0.004, (20, 3), 2, "yarn"),
     "3bit-bs256-gqa8-overflow": ("kvquant3", 256, 1, 64, 8, 0.05, (300, 255), 2, "llama3"),
     "4bit-bs256-d128-many-entries": ("kvquant4", 256, 2, 128, 2, 0.01, (260,), 2, "plain"),
 }
@@ -239,7 +239,7 @@ STORE_CASES = {
     "2bit-bs16": ("kvquant2", 16, 1, 64, (3, 17), 0.004, torch.float32, "yarn"),
     "3bit-no-outliers": ("kvquant3-nooutliers", 16, 2, 64, (9, 12), 0.004, torch.float32, "plain"),
     "3bit-no-sink": ("kvquant3-nosink", 64, 2, 64, (70,), 0.004, torch.float32, "plain"),
-    "3bit-d256-three-value-outliers": ("kvquant3", 16, 1, 256, (7, 12), 0.004, torch.float32, "plain"),
+    "3bit-d256-three-value-outliers": ("kvquant3-valueoutliers", 16, 1, 256, (7, 12), 0.004, torch.float32, "plain"),
     "3bit-8-heads": ("kvquant3", 32, 8, 64, (33, 2), 0.02, torch.bfloat16, "plain"),
 }
 

@@ -155,7 +155,7 @@ int64_t prefill_block_tokens(const std::vector<int64_t>& starts, int64_t num_kv_
 // out [num_tokens, num_q_heads, D] float32 (written), query [num_tokens, num_q_heads, D] float32 (last dim
 // contiguous), pages [num_blocks, page_stride] uint8 (rows contiguous), block_table [num_reqs, max_blocks] int32,
 // query_start_loc [num_reqs + 1], seq_lens [num_reqs] (context + chunk; integer), key_scale / key_offset
-// [H, D], key_book / value_book [2**bits], inv_freq [D / 2] float32. sections: PageLayout.sections() offsets in
+// [H, D], key_book [H, D, 2**bits] (a decode codebook per channel), value_book [2**bits], inv_freq [D / 2] float32. sections: PageLayout.sections() offsets in
 // the order of `Sections`. bf16_products: the model computes in bf16, so products may round to bf16 (AMX tiles).
 // split_pages: a context of more pages attends in splits of that many pages, merged.
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
@@ -179,7 +179,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   check_float(out, "out", query.sizes());
   check_float(key_scale, "key_scale", {num_kv_heads, d});
   check_float(key_offset, "key_offset", {num_kv_heads, d});
-  check_float(key_book, "key_book", {int64_t{1} << bits});
+  check_float(key_book, "key_book", {num_kv_heads, d, int64_t{1} << bits});
   check_float(value_book, "value_book", {int64_t{1} << bits});
   check_float(inv_freq, "inv_freq", {d / 2});
   TORCH_CHECK(pages.device().is_cpu() && pages.scalar_type() == at::kByte && pages.dim() == 2 && pages.stride(1) == 1,
@@ -214,13 +214,14 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
   kernels.rope_tables(inv_freq.data_ptr<float>(), static_cast<int>(d / 2), rope_tiles, offset_rope.data_ptr<float>(),
                       start_rope.data_ptr<float>());
   // Each channel's key table, 16 entries (a smaller book repeated): one permute dequantizes a code.
+  const int64_t codes = int64_t{1} << bits;
   const at::Tensor key_lut_table = at::empty({num_kv_heads * d * 16}, query.options());
   float* key_lut = key_lut_table.data_ptr<float>();
   const float* scale = key_scale.data_ptr<float>();
   const float* offset = key_offset.data_ptr<float>();
   const float* book = key_book.data_ptr<float>();
   for (int64_t c = 0; c < num_kv_heads * d; ++c) {
-    for (int64_t j = 0; j < 16; ++j) key_lut[c * 16 + j] = book[j % (int64_t{1} << bits)] * scale[c] + offset[c];
+    for (int64_t j = 0; j < 16; ++j) key_lut[c * 16 + j] = book[c * codes + j % codes] * scale[c] + offset[c];
   }
 
   Problem pb{};

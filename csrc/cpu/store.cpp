@@ -106,6 +106,26 @@ void codes_of(int bits, const float* x, int n, const float* midpoints, uint8_t* 
   nearest_codes<4>(x, n, midpoints, codes);
 }
 
+// Codes of n normalised elements, each with a book of its own: midpoint i of element c at midpoints[i * stride + c]
+// (planes of midpoints, so that the compares run along the elements, in vectors).
+template <int BITS>
+void channel_codes(const float* x, int n, const float* midpoints, int64_t stride, uint8_t* codes) {
+  float clamped[MAX_D];
+  for (int c = 0; c < n; ++c) {
+    clamped[c] = std::min(std::max(x[c], -1.0f), 1.0f);
+    codes[c] = 0;
+  }
+  for (int i = 0; i < (1 << BITS) - 1; ++i) {
+    for (int c = 0; c < n; ++c) codes[c] += clamped[c] > midpoints[i * stride + c];
+  }
+}
+
+void channel_codes_of(int bits, const float* x, int n, const float* midpoints, int64_t stride, uint8_t* codes) {
+  if (bits == 2) return channel_codes<2>(x, n, midpoints, stride, codes);
+  if (bits == 3) return channel_codes<3>(x, n, midpoints, stride, codes);
+  channel_codes<4>(x, n, midpoints, stride, codes);
+}
+
 // Codes [D] (each < 2**BITS) in bit planes (pack_code_planes) -> out [D * BITS / 8] bytes. Template arguments so
 // that the loops unroll.
 template <int BITS, int D>
@@ -226,14 +246,16 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
         }
       }
     }
-    codes_of(lay.bits, normalised, d, key_mid, codes);
+    channel_codes_of(lay.bits, normalised, d, key_mid + h * d, int64_t{lay.num_kv_heads} * d, codes);
     pack_planes(codes, d, lay.bits, seg + lay.key_codes + offset * packed);
 
     // Values: the k farthest from the median (the lower one of the middle two) are outliers.
     const float* v = value + h * d;
-    const float median = medians[h];
-    for (int c = 0; c < d; ++c) deviation[c] = std::fabs(v[c] - median);
     std::fill(flag, flag + d, uint8_t{0});
+    if (lay.value_outliers > 0) {
+      const float median = medians[h];
+      for (int c = 0; c < d; ++c) deviation[c] = std::fabs(v[c] - median);
+    }
     constexpr float INF = std::numeric_limits<float>::infinity();
     for (int e = 0; e < lay.value_outliers; ++e) {  // the largest deviation, then its lowest channel
       float largest[LANES];
@@ -287,7 +309,8 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
 
 // pages [num_blocks, page bytes] uint8 (written); key, value [T, H, D] float32 contiguous (key post-RoPE);
 // slots, positions [T] int64 (slot = block * block_size + offset, negative = padding); cos, sin [T, D] float32
-// (the model's scaled RoPE at the positions); key_scale, key_offset [H, D]; key_book, value_book [2**bits] float32,
+// (the model's scaled RoPE at the positions); key_scale, key_offset [H, D]; key_book [H, D, 2**bits] (a book per
+// channel), value_book [2**bits] float32,
 // the encode codebooks (sorted).
 void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
            const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, double inverse_gain,
@@ -314,10 +337,12 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
     TORCH_CHECK(t->sizes() == at::IntArrayRef({heads, d}) && t->is_contiguous() && t->scalar_type() == at::kFloat,
                 "kvquant CPU store: key_scale and key_offset must be contiguous float32 [", heads, ", ", d, "]");
   }
-  for (const at::Tensor* t : {&key_book, &value_book}) {
-    TORCH_CHECK(t->numel() == (int64_t{1} << bits) && t->is_contiguous() && t->scalar_type() == at::kFloat,
-                "kvquant CPU store: codebooks must be float32 [", int64_t{1} << bits, "]");
-  }
+  const int64_t num_codes = int64_t{1} << bits;
+  TORCH_CHECK(key_book.sizes() == at::IntArrayRef({heads, d, num_codes}) && key_book.is_contiguous() &&
+                  key_book.scalar_type() == at::kFloat,
+              "kvquant CPU store: key_book must be contiguous float32 [", heads, ", ", d, ", ", num_codes, "]");
+  TORCH_CHECK(value_book.numel() == num_codes && value_book.is_contiguous() && value_book.scalar_type() == at::kFloat,
+              "kvquant CPU store: value_book must be float32 [", num_codes, "]");
   TORCH_CHECK(pages.dim() == 2 && pages.scalar_type() == at::kByte && pages.stride(1) == 1 &&
                   pages.size(1) >= heads * head_stride,
               "kvquant CPU store: pages must be uint8 [num_blocks, page bytes] with rows contiguous");
@@ -335,19 +360,27 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
     TORCH_CHECK(slot[t] < num_blocks * block_size, "kvquant CPU store: slot ", slot[t], " is outside the ", num_blocks,
                 " pages");
   }
-  std::vector<float> key_mid(static_cast<size_t>((1 << bits) - 1)), value_mid(key_mid.size());
-  for (int i = 0; i + 1 < (1 << bits); ++i) {
-    key_mid[i] = (key_book.data_ptr<float>()[i + 1] + key_book.data_ptr<float>()[i]) / 2;
-    value_mid[i] = (value_book.data_ptr<float>()[i + 1] + value_book.data_ptr<float>()[i]) / 2;
+  // Midpoints of the books: the keys' in planes [2**bits - 1][H * D] (see channel_codes).
+  const int64_t channels = heads * d;
+  std::vector<float> key_mid(static_cast<size_t>((num_codes - 1) * channels)), value_mid(num_codes - 1);
+  const float* key_books = key_book.data_ptr<float>();
+  const float* value_books = value_book.data_ptr<float>();
+  for (int64_t i = 0; i + 1 < num_codes; ++i) {
+    for (int64_t c = 0; c < channels; ++c) {
+      key_mid[i * channels + c] = (key_books[c * num_codes + i + 1] + key_books[c * num_codes + i]) / 2;
+    }
+    value_mid[i] = (value_books[i + 1] + value_books[i]) / 2;
   }
 
-  // Values' medians first, then the dense parts, token by token in parallel; each token's key outliers kept for
-  // the lists.
+  // Values' medians first (for the value outliers), then the dense parts, token by token in parallel; each
+  // token's key outliers kept for the lists.
   std::vector<float> medians(static_cast<size_t>(num_tokens * heads));
-  at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
-    lower_medians(value.data_ptr<float>() + begin * heads * d, (end - begin) * heads, static_cast<int>(d),
-                  medians.data() + begin * heads);
-  });
+  if (value_outliers > 0) {
+    at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
+      lower_medians(value.data_ptr<float>() + begin * heads * d, (end - begin) * heads, static_cast<int>(d),
+                    medians.data() + begin * heads);
+    });
+  }
   uint8_t* base = pages.data_ptr<uint8_t>();
   std::vector<std::vector<Outlier>> found(static_cast<size_t>(num_tokens));
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {

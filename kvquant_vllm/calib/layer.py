@@ -11,7 +11,7 @@ import torch
 from kvquant_vllm.calib.collect import LayerActivations
 from kvquant_vllm.calib.methods import calibrate_cq_layer, calibrate_skvq_layer, calibrate_wkvquant_layer
 from kvquant_vllm.quant.cq import CQSpec
-from kvquant_vllm.quant.codebook import qnorm_params, weighted_kmeans_1d
+from kvquant_vllm.quant.codebook import batched_weighted_kmeans_1d, qnorm_params, weighted_kmeans_1d
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.kvquant import (
     CalibrationSpec,
@@ -20,6 +20,7 @@ from kvquant_vllm.quant.kvquant import (
     normalize_per_vector,
     outliers_per_vector,
 )
+from kvquant_vllm.quant.rotation import value_rotation
 from kvquant_vllm.quant.skvq import SKVQSpec
 from kvquant_vllm.quant.wkvquant import WKVQuantSpec
 
@@ -119,22 +120,50 @@ def calibrate_kvquant_layer(
         key_scale = torch.ones(geometry.num_kv_heads, geometry.head_dim)
         key_offset = torch.zeros(geometry.num_kv_heads, geometry.head_dim)
         kn, kmask, _, _ = normalize_per_vector(keys, outliers_per_vector(spec.outlier_fraction, geometry.head_dim))
-    vn, vmask, _, _ = normalize_per_vector(act.values, spec.value_outliers_per_vector(geometry.head_dim))
+    values, value_grad = act.values, act.value_grad
+    if spec.value_rotation:  # v' = v R, so dL/dv' = dL/dv R (R orthogonal)
+        rotation = value_rotation(geometry.head_dim)
+        values, value_grad = values @ rotation, value_grad @ rotation
+    vn, vmask, _, _ = normalize_per_vector(values, spec.value_outliers_per_vector(geometry.head_dim))
 
-    books = {}
-    for name, xn, mask, grad in (("key", kn, kmask, key_grad), ("value", vn, vmask, act.value_grad)):
-        inliers = xn[~mask].clamp(-1, 1)
-        weights = grad[~mask].square() if spec.fisher else None  # Fisher information
-        book = weighted_kmeans_1d(inliers, weights, k, seed=seed)
-        books[name] = (book, qnorm_params(inliers, book))
+    if spec.key_books == "channel":
+        key_book = channel_codebooks(kn.clamp(-1, 1), key_grad.square() if spec.fisher else None, kmask, k)
+        key_qnorm = qnorm_params(kn.clamp(-1, 1), key_book, ~kmask)
+    else:
+        key_book, key_qnorm = layer_codebook(kn, kmask, key_grad if spec.fisher else None, k, seed)
+    value_book, value_qnorm = layer_codebook(vn, vmask, value_grad if spec.fisher else None, k, seed)
     return LayerCalibration(
         key_scale=key_scale.float(),
         key_offset=key_offset.float(),
-        key_codebook=books["key"][0],
-        value_codebook=books["value"][0],
-        key_qnorm=books["key"][1],
-        value_qnorm=books["value"][1],
+        key_codebook=key_book,
+        value_codebook=value_book,
+        key_qnorm=key_qnorm,
+        value_qnorm=value_qnorm,
     )
+
+
+# Samples of a layer's codebook k-means: a layer's values give about 16 x 2048 x kv_heads x head_dim (6M for
+# SmolLM2); the Fisher weights are heavy-tailed, so a 400K subsample made codebooks that varied with the seed.
+LAYER_BOOK_SAMPLES = 4_000_000
+
+
+def layer_codebook(
+    xn: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor | None, k: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One codebook [k] for a layer's normalised samples xn [N, H, D] outside ``mask`` (outliers), Fisher-weighted
+    by grad**2 (None: unweighted), and its Q-Norm parameters [2]."""
+    inliers = xn[~mask].clamp(-1, 1)
+    weights = grad[~mask].square() if grad is not None else None
+    book = weighted_kmeans_1d(inliers, weights, k, max_samples=LAYER_BOOK_SAMPLES, seed=seed)
+    return book, qnorm_params(inliers, book)
+
+
+def channel_codebooks(xn: torch.Tensor, fisher: torch.Tensor | None, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """One codebook per channel: xn [N, H, D] normalised and clamped, fisher [N, H, D] (None: unweighted),
+    outliers ``mask`` (weight 0) -> [H, D, k] float32."""
+    n, h, d = xn.shape
+    weights = (torch.ones_like(xn) if fisher is None else fisher) * ~mask
+    return batched_weighted_kmeans_1d(xn.reshape(n, h * d).T, weights.reshape(n, h * d).T, k).reshape(h, d, k)
 
 
 CALIBRATORS = {

@@ -3,7 +3,8 @@
 A request's chunk of query tokens sits at positions seq_len - query_len .. seq_len - 1 and attends causally over
 the request's tokens 0 .. its own position; decode is the chunk of one token. Query head j reads kv head
 j // (num_q_heads // num_kv_heads). Keys are dequantized pre-RoPE (position 0 from the sink of the sequence's
-first page when ``store.sink``) and rotated by ``rope`` (float64 angles). Softmax in float32.
+first page when ``store.sink``) and rotated by ``rope`` (float64 angles). Softmax in float32. Values and outputs
+are in the basis the pages hold values in (see :mod:`kvquant_vllm.quant.pagestore`), as the kernels' are.
 """
 
 from __future__ import annotations

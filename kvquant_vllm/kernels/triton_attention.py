@@ -167,7 +167,8 @@ def _kvquant_attention_kernel(
             t = tile * TILE + i
             valid = t < page_tokens
             k_lo, k_hi, entry = key_tile(
-                seg, t, valid, entry, count, scale_lo, offset_lo, scale_hi, offset_hi, key_book_ptr,
+                seg, t, valid, entry, count, scale_lo, offset_lo, scale_hi, offset_hi,
+                key_book_ptr + head_tables * (1 << BITS),
                 key_scale_ptr + head_tables, key_offset_ptr + head_tables, KEY_CODES, KEY_OUT_VAL, KEY_OUT_POS,
                 HEAD_DIM, BITS, KEY_CAP, OUTLIER_CHUNK, DTYPE)
             v = value_tile(seg, t, valid, value_book_ptr, VALUE_CODES, VALUE_SCALE, VALUE_OFFSET, VALUE_OUT_VAL,

@@ -100,7 +100,8 @@ def pack_store(rows, codes, mask, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BI
 @triton.jit
 def nearest_code(x, book_ptr, NUM_CODES: tl.constexpr):
     """Index of the nearest entry of a sorted fp32 codebook [NUM_CODES] for every element of x (fp32): the
-    number of midpoints (b[i] + b[i + 1]) / 2 below x, exactly as torch.bucketize on the midpoints counts."""
+    number of midpoints (b[i] + b[i + 1]) / 2 below x, exactly as torch.bucketize on the midpoints counts.
+    book_ptr: one book for all, or a tensor of pointers shaped as x, each element's own book."""
     code = tl.zeros(x.shape, tl.int32)
     below = tl.load(book_ptr)
     for i in tl.static_range(1, NUM_CODES):
@@ -151,7 +152,7 @@ def key_tile(
 ):
     """Pre-RoPE keys of tokens t [TILE] (int32 offsets within the page, ascending and contiguous) of the kv head
     whose page segment starts at ``seg``, in halves k_lo, k_hi [TILE, D/2] fp32 (rows where not valid: any
-    finite value), with the head's listed key outliers in place.
+    finite value), with the head's listed key outliers in place. book_ptr: the head's codebooks [D, 2**BITS].
 
     The outlier list is in (t, d) order: the tile's entries start at ``first_entry`` (the first entry at or after
     t[0]); ``count`` is the list's length. Each entry replaces its dense value: the tile gets the exact-minus-dense
@@ -160,10 +161,13 @@ def key_tile(
     """
     HALF: tl.constexpr = HEAD_DIM // 2
     PACKED: tl.constexpr = HEAD_DIM * BITS // 8
+    CODES: tl.constexpr = 1 << BITS
     dh = tl.arange(0, HALF)
     rows = seg + KEY_CODES + t * PACKED
-    k_lo = tl.load(book_ptr + unpack_codes(rows, dh, valid, HEAD_DIM, BITS)) * scale_lo[None, :] + offset_lo[None, :]
-    k_hi = (tl.load(book_ptr + unpack_codes(rows, dh + HALF, valid, HEAD_DIM, BITS)) * scale_hi[None, :]
+    book_lo = book_ptr + dh[None, :] * CODES
+    book_hi = book_ptr + (dh[None, :] + HALF) * CODES
+    k_lo = tl.load(book_lo + unpack_codes(rows, dh, valid, HEAD_DIM, BITS)) * scale_lo[None, :] + offset_lo[None, :]
+    k_hi = (tl.load(book_hi + unpack_codes(rows, dh + HALF, valid, HEAD_DIM, BITS)) * scale_hi[None, :]
             + offset_hi[None, :])
     entry = first_entry
     if KEY_CAP > 0:
@@ -176,7 +180,8 @@ def key_tile(
             c_e = pos % HEAD_DIM
             live = (e < count) & (t_e < end_t)
             exact = tl.load((seg + KEY_OUT_VAL).to(tl.pointer_type(tl.float16)) + e, mask=live, other=0.0)
-            dense = (tl.load(book_ptr + code_at(seg + KEY_CODES + t_e * PACKED, c_e, live, HEAD_DIM, BITS))
+            code = code_at(seg + KEY_CODES + t_e * PACKED, c_e, live, HEAD_DIM, BITS)
+            dense = (tl.load(book_ptr + c_e * CODES + code)
                      * tl.load(key_scale_ptr + c_e, mask=live, other=0.0)
                      + tl.load(key_offset_ptr + c_e, mask=live, other=0.0))
             delta = tl.where(live, exact.to(tl.float32) - dense, 0.0)  # [CHUNK]

@@ -78,7 +78,9 @@ def _store_kernel(
         key_scale = tl.load(key_scale_ptr + hd, mask=live[:, None], other=1.0)
         key_offset = tl.load(key_offset_ptr + hd, mask=live[:, None], other=0.0)
         kn = tl.div_rn(key - key_offset, key_scale)
-        codes = nearest_code(tl.minimum(tl.maximum(kn, -1.0), 1.0), key_book_ptr, NUM_CODES)
+        # Each channel's own book; rows past the heads read head 0's (their codes are not stored).
+        key_books = key_book_ptr + tl.where(live[:, None], hd, 0) * NUM_CODES
+        codes = nearest_code(tl.minimum(tl.maximum(kn, -1.0), 1.0), key_books, NUM_CODES)
         pack_store(seg + KEY_CODES + offset * PACKED, codes, live, HEADS_PAD, HEAD_DIM, BITS)
         if KEY_CAP > 0:
             outlier = _key_outliers(kn, live, position, HAS_SINK)

@@ -1,13 +1,15 @@
 """The KVQuant codec (Hooper et al., 2024).
 
 - Keys per channel with calibrated (scale, offset), quantized **before RoPE** by default.
-- Values per token and kv head, (scale, offset) from the token's inliers, computed online.
-- Non-uniform codebooks: one 2**bits-entry codebook per layer for keys and one for values, in the
-  normalised space [-1, 1], learned offline by Fisher-weighted k-means.
+- Values per token and kv head, (scale, offset) from the token's inliers, computed online, in a fixed
+  rotated basis by default (:mod:`kvquant_vllm.quant.rotation`), where they need no outliers.
+- Non-uniform codebooks, in the normalised space [-1, 1], learned offline by Fisher-weighted k-means:
+  for keys one per channel by default (the calibrated scale and offset already make the key tables per
+  channel; the paper's is one per layer), for values one per layer.
 - Dense-and-sparse: outliers kept exactly (fp16) in a sparse list and left out of the dense range;
-  keys by calibrated per-channel thresholds, values by an online per-vector top-k. As in the paged
-  cache, each kv head of a block of ``block_size`` tokens lists at most its capacity of key outliers,
-  first come first kept (see :func:`first_come_ranks`), so the codec gives what the vLLM engine stores.
+  keys by calibrated per-channel thresholds, values (where the spec keeps any) by an online per-vector
+  top-k. As in the paged cache, each kv head of a block of ``block_size`` tokens lists at most its capacity
+  of key outliers, first come first kept (see :func:`first_come_ranks`), so the codec gives what the vLLM engine stores.
 - Q-Norm: the dequantization codebook rescaled to keep the calibration mean/std (used at 2 bits).
 - Attention sink: the first tokens of a sequence kept in 16 bits.
 """
@@ -20,11 +22,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from kvquant_vllm.quant.codebook import nearest_code, uniform_codebook
+from kvquant_vllm.quant.codebook import lookup, nearest_code, uniform_codebook
 from kvquant_vllm.quant.codec import Kind, KVCodec
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.packing import pack_codes, unpack_codes
 from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
+from kvquant_vllm.quant.rotation import value_rotation
 
 OUTLIER_BITS = 32  # fp16 value + 16-bit position
 SIDE_BITS = 16  # fp16 per-vector scale and offset
@@ -42,7 +45,9 @@ class CalibrationSpec:
     fisher: bool = True
     key_position: Literal["pre-rope", "post-rope"] = "pre-rope"
     key_granularity: Literal["channel", "token"] = "channel"
-    value_outliers: bool = True  # per-vector top-k value outliers (k from outlier_fraction)
+    value_outliers: bool = False  # per-vector top-k value outliers (k from outlier_fraction)
+    value_rotation: bool = True  # values quantized in the basis of quant.rotation.value_rotation
+    key_books: Literal["channel", "layer"] = "channel"  # a key codebook per channel, or one per layer
     # How a kv head's key outlier budget is shared among its channels: "fisher" where it most reduces the
     # Fisher-weighted rounding error (calib.layer.allocated_thresholds), "even" the same fraction per channel.
     outlier_allocation: Literal["fisher", "even"] = "fisher"
@@ -50,9 +55,11 @@ class CalibrationSpec:
 
     @classmethod
     def from_header(cls, fields: dict) -> CalibrationSpec:
-        """The spec recorded in a calibration file's header; files written before ``outlier_allocation``
-        existed shared the key outliers evenly."""
-        return cls(**{"outlier_allocation": "even", **fields})
+        """The spec recorded in a calibration file's header; fields that files of older versions did not
+        record take the behaviour of those versions (even key outliers, unrotated values with outliers, one
+        key codebook per layer)."""
+        older = {"outlier_allocation": "even", "value_outliers": True, "value_rotation": False, "key_books": "layer"}
+        return cls(**{**older, **fields})
 
     def value_outliers_per_vector(self, head_dim: int) -> int:
         """Value outliers kept exactly per token-head vector."""
@@ -67,8 +74,12 @@ class CalibrationSpec:
             flags.append("--post-rope")
         if self.key_granularity == "token":
             flags.append("--per-token-keys")
-        if not self.value_outliers:
-            flags.append("--no-value-outliers")
+        if self.value_outliers:
+            flags.append("--value-outliers")
+        if not self.value_rotation:
+            flags.append("--no-value-rotation")
+        if self.key_books == "layer":
+            flags.append("--layer-key-books")
         if self.outlier_allocation == "even":
             flags.append("--even-outliers")
         return " ".join(flags)
@@ -92,7 +103,7 @@ class LayerCalibration:
 
     key_scale: torch.Tensor  # [num_kv_heads, head_dim] float32
     key_offset: torch.Tensor  # [num_kv_heads, head_dim] float32
-    key_codebook: torch.Tensor  # [2**bits] float32, sorted, in [-1, 1]
+    key_codebook: torch.Tensor  # [num_kv_heads, head_dim, 2**bits] (per channel) or [2**bits] float32, sorted
     value_codebook: torch.Tensor  # [2**bits] float32, sorted
     key_qnorm: torch.Tensor  # [2] float32: scale, offset applied to the key codebook
     value_qnorm: torch.Tensor  # [2] float32
@@ -107,16 +118,19 @@ class LayerCalibration:
         return {
             "key_scale": (geometry.num_kv_heads, geometry.head_dim),
             "key_offset": (geometry.num_kv_heads, geometry.head_dim),
-            "key_codebook": (1 << spec.bits,),
+            "key_codebook": ((geometry.num_kv_heads, geometry.head_dim) if spec.key_books == "channel" else ())
+            + (1 << spec.bits,),
             "value_codebook": (1 << spec.bits,),
             "key_qnorm": (2,),
             "value_qnorm": (2,),
         }
 
     def kv_heads(self, heads: range) -> LayerCalibration:
-        """The tables of kv heads ``heads`` only: key_scale/key_offset [len(heads), head_dim], the rest shared."""
+        """The tables of kv heads ``heads`` only: the per-channel ones [len(heads), head_dim, ...], the rest shared."""
+        book = self.key_codebook
         return replace(self, key_scale=self.key_scale[heads.start : heads.stop],
-                       key_offset=self.key_offset[heads.start : heads.stop])
+                       key_offset=self.key_offset[heads.start : heads.stop],
+                       key_codebook=book[heads.start : heads.stop] if book.dim() > 1 else book)
 
 
 @dataclass
@@ -229,7 +243,8 @@ class KVQuantCodec(KVCodec):
         self.bits = options.spec.bits
 
     def codebooks(self, kind: Kind, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(encode codebook, decode codebook) for ``kind`` at ``layer``."""
+        """(encode codebook, decode codebook) for ``kind`` at ``layer``: [2**bits], or per channel
+        [num_kv_heads, head_dim, 2**bits] (keys with ``key_books="channel"``) float32."""
         cal = self.calibration.layers[layer]
         if not self.options.nonuniform:
             book = uniform_codebook(self.bits)
@@ -249,6 +264,9 @@ class KVQuantCodec(KVCodec):
         return spec.value_outliers_per_vector(head_dim) if kind == "value" else \
             outliers_per_vector(spec.outlier_fraction, head_dim)
 
+    def _rotated(self, kind: Kind) -> bool:
+        return kind == "value" and self.options.spec.value_rotation
+
     def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         geo = self.calibration.geometry
         return sequence_cos_sin(num_tokens, geo.head_dim, geo.rope_theta)
@@ -259,6 +277,8 @@ class KVQuantCodec(KVCodec):
         x = x.float()
         if kind == "key" and spec.key_position == "post-rope":
             x = apply_rope(x, *self._rope(x.shape[0]))
+        if self._rotated(kind):
+            x = x @ value_rotation(x.shape[-1])
         if self._per_channel(kind):
             cal = self.calibration.layers[layer]
             xn, mask = normalize_per_channel(x, cal.key_scale, cal.key_offset, spec.outlier_fraction > 0)
@@ -289,7 +309,7 @@ class KVQuantCodec(KVCodec):
     def decode(self, p: KVQuantPacked) -> torch.Tensor:
         t, h, d = p.shape
         _, decode_book = self.codebooks(p.kind, p.layer)
-        xn = decode_book[unpack_codes(p.codes, self.bits, d).long()]
+        xn = lookup(decode_book, unpack_codes(p.codes, self.bits, d).long())
         if p.scale is None:
             cal = self.calibration.layers[p.layer]
             x = xn * cal.key_scale + cal.key_offset
@@ -299,6 +319,8 @@ class KVQuantCodec(KVCodec):
         x[: p.sink.shape[0]] = p.sink.float()
         if p.kind == "key" and self.options.spec.key_position == "post-rope":
             x = invert_rope(x, *self._rope(t))
+        if self._rotated(p.kind):
+            x = x @ value_rotation(d).T
         return x
 
     def bits_per_element(self, head_dim: int, seq_len: int) -> float:
@@ -323,12 +345,17 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
     methods.update(
         {
             "kvquant3-nooutliers": replace(k3, spec=replace(k3.spec, outlier_fraction=0.0)),
-            "kvquant3-novalueoutliers": replace(k3, spec=replace(k3.spec, value_outliers=False)),
+            "kvquant3-valueoutliers": replace(k3, spec=replace(k3.spec, value_outliers=True)),
+            "kvquant3-norotation": replace(k3, spec=replace(k3.spec, value_rotation=False, value_outliers=True)),
+            "kvquant3-layerbooks": replace(k3, spec=replace(k3.spec, key_books="layer")),
+            # The paper's scheme: one key codebook per layer, unrotated values with per-vector outliers.
+            "kvquant3-paper": replace(k3, spec=replace(k3.spec, key_books="layer", value_rotation=False,
+                                                       value_outliers=True)),
             "kvquant3-evenoutliers": replace(k3, spec=replace(k3.spec, outlier_allocation="even")),
             "kvquant3-uniform": replace(k3, nonuniform=False),
             "kvquant3-nofisher": replace(k3, spec=replace(k3.spec, fisher=False)),
             "kvquant3-postrope": replace(k3, spec=replace(k3.spec, key_position="post-rope")),
-            "kvquant3-tokenkeys": replace(k3, spec=replace(k3.spec, key_granularity="token")),
+            "kvquant3-tokenkeys": replace(k3, spec=replace(k3.spec, key_granularity="token", key_books="layer")),
             "kvquant3-nosink": replace(k3, sink_tokens=0),
             "kvquant3-unbounded": replace(k3, block_size=None),
             "kvquant3-qnorm": replace(k3, qnorm=True),

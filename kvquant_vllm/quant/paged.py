@@ -8,7 +8,8 @@ program for one head needs from a page is contiguous. Within a head's segment (e
     value_codes    [block_size, D * bits / 8]  uint8   per-token values, codebook indices in bit planes
     value_scale    [block_size]                fp16
     value_offset   [block_size]                fp16
-    value_out_val  [block_size, kv]            fp16    per-vector top-k outliers (kv per vector)
+    value_out_val  [block_size, kv]            fp16    per-vector top-k outliers (kv per vector; none, kv = 0,
+                                                       for the kvquant dtypes, whose values are rotated)
     value_out_idx  [block_size, kv]            uint8   channel of each value outlier
     key_out_val    [capacity]                  fp16    the head's sparse key outliers
     key_out_pos    [capacity]                  uint16  t * D + d within the head's block (stored as int16)
@@ -57,7 +58,8 @@ class PageLayout:
     num_kv_heads: int
     head_dim: int
     outlier_fraction: float = KVQUANT_OUTLIER_FRACTION
-    value_outliers: bool = True  # per-vector top-k value outliers, k from outlier_fraction
+    # per-vector top-k value outliers, k from outlier_fraction (the kvquant dtypes store rotated values without)
+    value_outliers: bool = False
 
     @classmethod
     def for_spec(cls, spec: CalibrationSpec, block_size: int, num_kv_heads: int, head_dim: int) -> PageLayout:

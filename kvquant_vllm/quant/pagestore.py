@@ -4,13 +4,17 @@ The numerics are those of :class:`~kvquant_vllm.quant.kvquant.KVQuantCodec`, app
 (every KVQuant statistic is per token or calibrated, and a page's key outlier list keeps its first
 entries), so a sequence stored page by page, in chunks of any size, decodes to exactly what the codec
 gives for the whole sequence with the same block size.
+
+Values are held in the basis of the method's value rotation (:mod:`kvquant_vllm.quant.rotation`): ``store``
+takes them rotated (:meth:`PagedKVQuant.rotate_values`), ``load`` and every attention kernel give back rotated
+values or outputs, which :meth:`PagedKVQuant.unrotate` maps back, once per query head.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvquant_vllm.quant.codebook import nearest_code
+from kvquant_vllm.quant.codebook import lookup, nearest_code
 from kvquant_vllm.quant.kvquant import (
     KVQuantCalibration,
     KVQuantCodec,
@@ -21,6 +25,7 @@ from kvquant_vllm.quant.kvquant import (
 )
 from kvquant_vllm.quant.packing import pack_code_planes, unpack_code_planes
 from kvquant_vllm.quant.paged import PageLayout
+from kvquant_vllm.quant.rotation import value_rotation
 
 
 class PagedKVQuant:
@@ -34,12 +39,26 @@ class PagedKVQuant:
         self.sink = options.sink_tokens > 0
         cal = calibration.layers[layer]
         self.key_scale, self.key_offset = cal.key_scale, cal.key_offset  # [H, D] float32
-        self.key_books = codec.codebooks("key", layer)  # (encode, decode) [2**bits] float32
-        self.value_books = codec.codebooks("value", layer)
+        # (encode, decode) per channel [H, D, 2**bits] float32: what the kernels take, whatever the calibration's
+        # granularity (a layer's one book repeated for every channel)
+        self.key_books = tuple(b.expand(geo.num_kv_heads, geo.head_dim, -1).contiguous()
+                               for b in codec.codebooks("key", layer))
+        self.value_books = codec.codebooks("value", layer)  # (encode, decode) [2**bits] float32
+        # [D, D] float32, or None: values stored as they are
+        self.value_rotation = value_rotation(geo.head_dim) if options.spec.value_rotation else None
+
+    def rotate_values(self, value: torch.Tensor) -> torch.Tensor:
+        """value [T, H, D] as the model computes it -> float32 in the basis the pages hold."""
+        return value.float() if self.value_rotation is None else value.float() @ self.value_rotation
+
+    def unrotate(self, out: torch.Tensor) -> torch.Tensor:
+        """An attention output over the pages' values [T, Hq, D] -> float32 in the model's basis."""
+        return out.float() if self.value_rotation is None else out.float() @ self.value_rotation.T
 
     def to(self, device: torch.device) -> PagedKVQuant:
-        for name in ("key_scale", "key_offset"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("key_scale", "key_offset", "value_rotation"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         self.key_books = tuple(b.to(device) for b in self.key_books)
         self.value_books = tuple(b.to(device) for b in self.value_books)
         return self
@@ -51,7 +70,7 @@ class PagedKVQuant:
     ) -> None:
         """Quantize and write tokens.
 
-        cache: [num_blocks, ...] uint8 pages; key: [T, H, D] pre-RoPE; value: [T, H, D];
+        cache: [num_blocks, ...] uint8 pages; key: [T, H, D] pre-RoPE; value: [T, H, D] rotated (:meth:`rotate_values`);
         slots: [T] int64 (block * block_size + offset, negative = padding); positions: [T] int64.
         Tokens of one page must arrive in position order (as vLLM writes them); writing offset t of a
         page drops that page's key outliers at offsets >= t, left by a previous occupant.
@@ -125,13 +144,14 @@ class PagedKVQuant:
     def load(self, cache: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantize whole pages.
 
-        blocks: [N] int64 block ids -> (keys pre-RoPE, values), each [N, block_size, H, D] float32.
+        blocks: [N] int64 block ids -> (keys pre-RoPE, values rotated), each [N, block_size, H, D] float32.
         The sink is not applied here (see :meth:`sinks`): only a sequence's first page holds one.
         """
         lay = self.layout
         bs, d = lay.block_size, lay.head_dim
         pages = cache.view(cache.shape[0], -1)[blocks]  # [N, page bytes], gathered once
-        key = self.key_books[1][unpack_code_planes(lay.view(pages, "key_codes"), lay.bits, d)]  # [N, H, bs, D]
+        key = lookup(self.key_books[1][:, None], unpack_code_planes(lay.view(pages, "key_codes"), lay.bits, d).long())
+        # key: [N, H, bs, D]
         key = key * self.key_scale[:, None] + self.key_offset[:, None]
         value = self.value_books[1][unpack_code_planes(lay.view(pages, "value_codes"), lay.bits, d)]
         value = value * lay.view(pages, "value_scale").float()[..., None] + lay.view(pages, "value_offset").float()[..., None]

@@ -14,15 +14,17 @@ def synthetic_calibration(
     rope_theta: float = 10000.0,
 ) -> KVQuantCalibration:
     """A calibration of ``spec`` drawn from ``rng``: per-channel key scales in [0.5, 1.5) and Gaussian
-    offsets [num_kv_heads, head_dim], a random sorted key codebook spanning [-1, 1], a uniform value
-    codebook, and fixed Q-Norm parameters (so the decode codebooks differ from the encode ones)."""
+    offsets [num_kv_heads, head_dim], random sorted key codebooks spanning [-1, 1] (one per channel, or per
+    layer, as the spec says), a uniform value codebook, and fixed Q-Norm parameters (so the decode codebooks
+    differ from the encode ones)."""
     geo = AttentionGeometry(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                             rope_theta=rope_theta, rope_type="default")
     k = 1 << spec.bits
     tables = []
     for _ in range(num_layers):
-        key_book = torch.sort(torch.rand(k, generator=rng) * 2 - 1).values
-        key_book[0], key_book[-1] = -1.0, 1.0
+        books = (num_kv_heads, head_dim) if spec.key_books == "channel" else ()
+        key_book = torch.sort(torch.rand(*books, k, generator=rng) * 2 - 1).values
+        key_book[..., 0], key_book[..., -1] = -1.0, 1.0
         tables.append(LayerCalibration(
             key_scale=torch.rand(num_kv_heads, head_dim, generator=rng) + 0.5,
             key_offset=torch.randn(num_kv_heads, head_dim, generator=rng),

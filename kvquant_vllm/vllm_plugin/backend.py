@@ -257,25 +257,29 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             self.rope = self.rope.to(query.device)
         m = attn_metadata
         n = m.num_actual_tokens
+        value = self.store.rotate_values(value[:n])
         if self.kernels == "torch":
             key_pre_rope = invert_rope(key[:n].float(), m.rope_cos, m.rope_sin) * self.rope.inverse_gain
-            self.store.store(kv_cache, key_pre_rope, value[:n], m.slot_mapping, m.positions)
+            self.store.store(kv_cache, key_pre_rope, value, m.slot_mapping, m.positions)
         else:
             if self.kernels == "cpu":
                 from kvquant_vllm.kernels.cpu import store_tokens
             else:
                 from kvquant_vllm.kernels.triton_store import store_tokens
 
-            store_tokens(kv_cache, key[:n], value[:n], m.slot_mapping, m.positions, self.store, m.rope_cos,
+            store_tokens(kv_cache, key[:n], value, m.slot_mapping, m.positions, self.store, m.rope_cos,
                          m.rope_sin, self.rope.inverse_gain)
+        # The kernels attend over the pages' rotated values; their outputs are rotated back here.
+        unrotate = self.store.unrotate
         if self.kernels == "torch":
-            output[:n] = self._attend(kv_cache, query[:n], m).to(output.dtype)
+            output[:n] = unrotate(self._attend(kv_cache, query[:n], m)).to(output.dtype)
             return output
         decodes, others = m.split()
         if decodes is not None:
-            output[: decodes.num_actual_tokens] = self._decode(kv_cache, query[: decodes.num_actual_tokens], decodes)
+            d = decodes.num_actual_tokens
+            output[:d] = unrotate(self._decode(kv_cache, query[:d], decodes)).to(output.dtype)
         if others is not None:
-            output[m.num_decodes : n] = self._prefill(kv_cache, query[m.num_decodes : n], others)
+            output[m.num_decodes : n] = unrotate(self._prefill(kv_cache, query[m.num_decodes : n], others)).to(output.dtype)
         return output
 
     def _decode(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
