@@ -279,7 +279,8 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
             d = decodes.num_actual_tokens
             output[:d] = unrotate(self._decode(kv_cache, query[:d], decodes)).to(output.dtype)
         if others is not None:
-            output[m.num_decodes : n] = unrotate(self._prefill(kv_cache, query[m.num_decodes : n], others)).to(output.dtype)
+            chunks = self._prefill(kv_cache, query[m.num_decodes : n], others)
+            output[m.num_decodes : n] = unrotate(chunks).to(output.dtype)
         return output
 
     def _decode(self, cache: torch.Tensor, query: torch.Tensor, m: KVQuantMetadata) -> torch.Tensor:
