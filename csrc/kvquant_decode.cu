@@ -123,7 +123,8 @@ void check_float_table(const at::Tensor& t, const char* name, at::IntArrayRef sh
 // cache [num_blocks, page_stride] uint8 (rows contiguous, 16-byte aligned), block_table [num_seqs, max_blocks]
 // int32, seq_lens [num_seqs] int32, key_scale/key_offset [H, D] float32, key_book [H, D, 2**bits] float32 (a book
 // per channel), value_book [2**bits] float32, inv_freq [D / 2] float32. scale: the softmax scale times the RoPE
-// scaling factor (keys are rotated by unscaled cos/sin). max_seq_len >= max(seq_lens) plans the split-K partitions. head_stride and sections: the page layout.
+// scaling factor (keys are rotated by unscaled cos/sin). max_seq_len >= max(seq_lens) plans the split-K partitions.
+// head_stride and sections: the page layout.
 void paged_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& cache, const at::Tensor& block_table,
                   const at::Tensor& seq_lens, const at::Tensor& key_scale, const at::Tensor& key_offset,
                   const at::Tensor& key_book, const at::Tensor& value_book, const at::Tensor& inv_freq, double scale,

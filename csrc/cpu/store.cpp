@@ -83,31 +83,9 @@ constexpr int MAX_D = 256;
 // accumulator does not, without leave to reorder), and give the same max.
 constexpr int LANES = 8;
 
-// Number of midpoints of the sorted book below x, the book's nearest entry (torch.bucketize on the midpoints).
-// COUNT is fixed per code width so that the compares unroll without branches.
-template <int COUNT>
-int nearest_code(float x, const float* midpoints) {
-  int code = 0;
-  for (int i = 0; i < COUNT; ++i) code += x > midpoints[i];
-  return code;
-}
-
-// Codes of n normalised elements, clamped to [-1, 1] first.
-template <int BITS>
-void nearest_codes(const float* x, int n, const float* midpoints, uint8_t* codes) {
-  for (int c = 0; c < n; ++c) {
-    codes[c] = static_cast<uint8_t>(nearest_code<(1 << BITS) - 1>(std::min(std::max(x[c], -1.0f), 1.0f), midpoints));
-  }
-}
-
-void codes_of(int bits, const float* x, int n, const float* midpoints, uint8_t* codes) {
-  if (bits == 2) return nearest_codes<2>(x, n, midpoints, codes);
-  if (bits == 3) return nearest_codes<3>(x, n, midpoints, codes);
-  nearest_codes<4>(x, n, midpoints, codes);
-}
-
-// Codes of n normalised elements, each with a book of its own: midpoint i of element c at midpoints[i * stride + c]
-// (planes of midpoints, so that the compares run along the elements, in vectors).
+// Codes of n normalised elements, clamped to [-1, 1] first, each with a book of its own: the number of its book's
+// midpoints below it, the nearest entry (torch.bucketize on the midpoints). Midpoint i of element c at
+// midpoints[i * stride + c] (planes of midpoints, so that the compares run along the elements, in vectors).
 template <int BITS>
 void channel_codes(const float* x, int n, const float* midpoints, int64_t stride, uint8_t* codes) {
   float clamped[MAX_D];
@@ -286,7 +264,7 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
     uint16_t* out_val = reinterpret_cast<uint16_t*>(seg + lay.value_out_val) + offset * lay.value_outliers;
     uint8_t* out_idx = seg + lay.value_out_idx + offset * lay.value_outliers;
     for (int c = 0; c < d; ++c) normalised[c] = (v[c] - value_offset) / value_scale;
-    codes_of(lay.bits, normalised, d, value_mid, codes);
+    channel_codes_of(lay.bits, normalised, d, value_mid, d, codes);
     for (int c = 0; c < d; ++c) {
       if (flag[c]) {  // in channel order, as the stored index list is
         out_idx[e] = static_cast<uint8_t>(c);
@@ -360,16 +338,18 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
     TORCH_CHECK(slot[t] < num_blocks * block_size, "kvquant CPU store: slot ", slot[t], " is outside the ", num_blocks,
                 " pages");
   }
-  // Midpoints of the books: the keys' in planes [2**bits - 1][H * D] (see channel_codes).
+  // Midpoints of the books in planes (see channel_codes): the keys' [2**bits - 1][H * D], the values' one book
+  // repeated for each of a vector's channels, [2**bits - 1][D].
   const int64_t channels = heads * d;
-  std::vector<float> key_mid(static_cast<size_t>((num_codes - 1) * channels)), value_mid(num_codes - 1);
+  std::vector<float> key_mid(static_cast<size_t>((num_codes - 1) * channels));
+  std::vector<float> value_mid(static_cast<size_t>((num_codes - 1) * d));
   const float* key_books = key_book.data_ptr<float>();
   const float* value_books = value_book.data_ptr<float>();
   for (int64_t i = 0; i + 1 < num_codes; ++i) {
     for (int64_t c = 0; c < channels; ++c) {
       key_mid[i * channels + c] = (key_books[c * num_codes + i + 1] + key_books[c * num_codes + i]) / 2;
     }
-    value_mid[i] = (value_books[i + 1] + value_books[i]) / 2;
+    std::fill_n(value_mid.begin() + i * d, d, (value_books[i + 1] + value_books[i]) / 2);
   }
 
   // Values' medians first (for the value outliers), then the dense parts, token by token in parallel; each
