@@ -156,7 +156,8 @@ int64_t prefill_block_tokens(const std::vector<int64_t>& starts, int64_t num_kv_
 // contiguous), pages [num_blocks, page_stride] uint8 (rows contiguous), block_table [num_reqs, max_blocks] int32,
 // query_start_loc [num_reqs + 1], seq_lens [num_reqs] (context + chunk; integer), key_scale / key_offset
 // [H, D], key_book [H, D, 2**bits] (a decode codebook per channel), value_book [2**bits], inv_freq [D / 2]
-// float32. sections: PageLayout.sections() offsets in the order of `Sections`. bf16_products: the model computes in bf16, so products may round to bf16 (AMX tiles).
+// float32. sections: PageLayout.sections() offsets in the order of `Sections`. bf16_products: the model computes
+// in bf16, so products may round to bf16 (AMX tiles).
 // split_pages: a context of more pages attends in splits of that many pages, merged.
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& key_scale,
