@@ -65,6 +65,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             key_granularity="token" if args.per_token_keys else "channel",
             value_outliers=args.value_outliers,
             outlier_allocation="even" if args.even_outliers else "fisher",
+            **({} if args.key_threshold_share is None else {"key_threshold_share": args.key_threshold_share}),
             value_rotation=not args.no_value_rotation,
             # Per-token keys share one normalised space across channels: one codebook per layer.
             key_books="layer" if args.layer_key_books or args.per_token_keys else "channel",
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one key codebook per layer (default: one per channel)")
     ablation.add_argument("--even-outliers", action="store_true",
                           help="the same key outlier fraction in every channel (default: shared by Fisher-weighted error)")
+    ablation.add_argument("--key-threshold-share", type=float,
+                          help="share of --outliers that the key thresholds leave out, the rest of the page lists "
+                          "being headroom for text unlike the calibration text (default: 0.75)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("patch-vllm", help="let the stock vLLM CLI accept --kv-cache-dtype kvquant{2,3,4}")

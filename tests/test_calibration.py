@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvquant_vllm.calib.collect import collect_activations
+from kvquant_vllm.calib.collect import LayerActivations, collect_activations
 from kvquant_vllm.calib.file import CalibrationError, holds_calibration, read_calibration, write_calibration
-from kvquant_vllm.calib.layer import allocated_thresholds, channel_thresholds
+from kvquant_vllm.calib.layer import allocated_thresholds, calibrate_kvquant_layer, channel_thresholds
 from kvquant_vllm.calib.run import calibrate_layers
-from kvquant_vllm.quant.geometry import attention_geometry
+from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
 from kvquant_vllm.quant.cq import CQSpec
 from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration
 from kvquant_vllm.quant.skvq import SKVQSpec
@@ -101,6 +101,19 @@ def test_allocated_thresholds_keep_each_heads_budget_and_give_it_to_heavy_tails(
     assert rounding_error(lower, upper) < 0.7 * rounding_error(*even)
 
 
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_key_thresholds_leave_out_their_share_of_the_outlier_fraction(share, rng):
+    n, h, d, fraction = 20000, 2, 16, 0.04
+    keys = torch.randn(n, h, d, generator=rng) * torch.linspace(0.5, 3, d)
+    act = LayerActivations(keys, torch.randn(n, h, d, generator=rng), torch.randn(n, h, d, generator=rng),
+                           torch.randn(n, h, d, generator=rng))
+    geometry = AttentionGeometry(num_layers=1, num_kv_heads=h, head_dim=d, rope_theta=10000.0, rope_type="default")
+    spec = CalibrationSpec(3, outlier_fraction=fraction, key_threshold_share=share)
+    layer = calibrate_kvquant_layer(act, spec, geometry, torch.arange(n))
+    outside = ((keys - layer.key_offset).abs() > layer.key_scale).double().mean((0, 2))  # per head
+    assert torch.all(outside <= fraction * share * 1.02) and torch.all(outside >= fraction * share * 0.7), outside
+
+
 def test_ray_with_two_workers_equals_inline(activations, tiny_model, positions, inline):
     on_ray = calibrate_layers(
         activations, SPECS, attention_geometry(tiny_model.config), positions, num_workers=2
@@ -179,6 +192,15 @@ def test_file_from_before_outlier_allocation_reads_as_even_and_is_recreated(cali
     assert "--even-outliers" in back.spec.calibrate_flags()
     assert not holds_calibration(path, cal.spec)  # cached_calibrations and the demo calibrate again
     assert not holds_calibration(path.with_name("missing.safetensors"), cal.spec)
+
+
+def test_file_from_before_key_threshold_share_reads_as_whole_fraction_and_is_recreated(calibration_file):
+    path, cal = calibration_file
+    _rewrite(path, mutate_header=lambda h: h["spec"].pop("key_threshold_share"))
+    back = read_calibration(path)
+    assert back.spec == replace(cal.spec, key_threshold_share=1.0)
+    assert "--key-threshold-share 1" in back.spec.calibrate_flags()
+    assert not holds_calibration(path, cal.spec)
 
 
 def test_file_rejects_truncation(calibration_file):

@@ -108,11 +108,12 @@ def calibrate_kvquant_layer(
         keys, key_grad = act.post_rope_keys(geometry, positions)
 
     if spec.key_granularity == "channel":
+        fraction = spec.outlier_fraction * spec.key_threshold_share
         if spec.outlier_allocation == "fisher":
             weights = key_grad.square() if spec.fisher else torch.ones_like(keys)
-            lower, upper = allocated_thresholds(keys, weights, spec.outlier_fraction)
+            lower, upper = allocated_thresholds(keys, weights, fraction)
         else:
-            lower, upper = channel_thresholds(keys, spec.outlier_fraction)
+            lower, upper = channel_thresholds(keys, fraction)
         key_scale = ((upper - lower) / 2).clamp_min(1e-4)
         key_offset = (upper + lower) / 2
         kn, kmask = normalize_per_channel(keys, key_scale, key_offset, spec.outlier_fraction > 0)

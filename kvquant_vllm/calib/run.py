@@ -99,6 +99,8 @@ def calibrate_model(
             raise ValueError(f"--bits must be 2, 3 or 4, got {spec.bits}")
         if not 0 <= spec.outlier_fraction < 0.5:
             raise ValueError(f"--outliers must be a fraction in [0, 0.5), got {spec.outlier_fraction}")
+        if not 0 < spec.key_threshold_share <= 1:
+            raise ValueError(f"--key-threshold-share must be in (0, 1], got {spec.key_threshold_share}")
     model_dir = resolve_model(model)
     hf_model, tokenizer = load_eval_model(model_dir)
     geometry = attention_geometry(hf_model.config)
