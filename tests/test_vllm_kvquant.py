@@ -176,7 +176,7 @@ def test_greedy_outputs_start_as_the_16bit_cache(engine, auto_engine):
     continuations also move with the CPU's GEMM kernels, so they are not pinned here."""
     from vllm import SamplingParams
 
-    params = SamplingParams(max_tokens=16, temperature=0.0)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)  # 16 tokens even past an answer
     quantized = engine.generate(PROMPTS, params, use_tqdm=False)
     unquantized = auto_engine.generate(PROMPTS, params, use_tqdm=False)
     assert "Paris" in quantized[0].outputs[0].text
