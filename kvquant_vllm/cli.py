@@ -65,7 +65,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
             key_granularity="token" if args.per_token_keys else "channel",
             value_outliers=args.value_outliers,
             outlier_allocation="even" if args.even_outliers else "fisher",
-            **({} if args.key_threshold_share is None else {"key_threshold_share": args.key_threshold_share}),
+            key_threshold_share=args.key_threshold_share,
             value_rotation=not args.no_value_rotation,
             # Per-token keys share one normalised space across channels: one codebook per layer.
             key_books="layer" if args.layer_key_books or args.per_token_keys else "channel",
@@ -100,6 +100,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvquant_vllm.quant.kvquant import CalibrationSpec
+
     parser = argparse.ArgumentParser(prog="kvquant-vllm", description="KVQuant KV cache quantization for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -161,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one key codebook per layer (default: one per channel)")
     ablation.add_argument("--even-outliers", action="store_true",
                           help="the same key outlier fraction in every channel (default: shared by Fisher-weighted error)")
-    ablation.add_argument("--key-threshold-share", type=float,
+    ablation.add_argument("--key-threshold-share", type=float, default=CalibrationSpec.key_threshold_share,
                           help="share of --outliers that the key thresholds leave out, the rest of the page lists "
-                          "being headroom for text unlike the calibration text (default: 0.75)")
+                          "being headroom for text unlike the calibration text (default: %(default)s)")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("patch-vllm", help="let the stock vLLM CLI accept --kv-cache-dtype kvquant{2,3,4}")
