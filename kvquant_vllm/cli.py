@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kvquant_vllm.quant.kvquant import CalibrationSpec
+    from kvquant_vllm.quant.kvquant import KEY_THRESHOLD_SHARE
 
     parser = argparse.ArgumentParser(prog="kvquant-vllm", description="KVQuant KV cache quantization for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="one key codebook per layer (default: one per channel)")
     ablation.add_argument("--even-outliers", action="store_true",
                           help="the same key outlier fraction in every channel (default: shared by Fisher-weighted error)")
-    ablation.add_argument("--key-threshold-share", type=float, default=CalibrationSpec.key_threshold_share,
+    ablation.add_argument("--key-threshold-share", type=float,
                           help="share of --outliers that the key thresholds leave out, the rest of the page lists "
-                          "being headroom for text unlike the calibration text (default: %(default)s)")
+                          "being headroom for text unlike the calibration text (default, by --bits: "
+                          f"{', '.join(f'{s:g} at {b}' for b, s in KEY_THRESHOLD_SHARE.items())})")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("patch-vllm", help="let the stock vLLM CLI accept --kv-cache-dtype kvquant{2,3,4}")

@@ -12,7 +12,7 @@ from kvquant_vllm.calib.layer import allocated_thresholds, calibrate_kvquant_lay
 from kvquant_vllm.calib.run import calibrate_layers
 from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
 from kvquant_vllm.quant.cq import CQSpec
-from kvquant_vllm.quant.kvquant import CalibrationSpec, KVQuantCalibration
+from kvquant_vllm.quant.kvquant import KEY_THRESHOLD_SHARE, CalibrationSpec, KVQuantCalibration, kvquant_methods
 from kvquant_vllm.quant.skvq import SKVQSpec
 
 # KVQuant's, plus two other families to show the Ray path calibrates any method the same.
@@ -113,6 +113,17 @@ def test_key_thresholds_leave_out_their_share_of_the_outlier_fraction(share, rng
     outside = ((keys - layer.key_offset).abs() > layer.key_scale).double().mean((0, 2))  # per head
     assert torch.all(outside <= fraction * share * 1.02) and torch.all(outside >= fraction * share * 0.7), outside
 
+
+
+def test_key_threshold_share_defaults_to_the_code_widths():
+    """`calibrate --bits N` (no share given) makes the spec that the kvquantN dtype serves, and names no share flag;
+    another share is a flag of its own."""
+    assert KEY_THRESHOLD_SHARE[2] == 1.0 and KEY_THRESHOLD_SHARE[3] < 1.0
+    for bits, share in KEY_THRESHOLD_SHARE.items():
+        spec = CalibrationSpec(bits)
+        assert spec.key_threshold_share == share and spec == kvquant_methods()[f"kvquant{bits}"].spec
+        assert "--key-threshold-share" not in spec.calibrate_flags()
+    assert "--key-threshold-share 0.75" in CalibrationSpec(2, key_threshold_share=0.75).calibrate_flags()
 
 def test_ray_with_two_workers_equals_inline(activations, tiny_model, positions, inline):
     on_ray = calibrate_layers(

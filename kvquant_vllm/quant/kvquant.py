@@ -34,6 +34,10 @@ SIDE_BITS = 16  # fp16 per-vector scale and offset
 # Tokens per page of a kvquant cache unless vLLM's --block-size says otherwise: a 256-token page
 # amortises its sink slot and key outlier list over more tokens (see paged.bits_per_element).
 DEFAULT_BLOCK_SIZE = 256
+# Share of the key outlier fraction that calibrated thresholds leave out, by code width (held-out perplexity in
+# benchmarks/results/quality-kvquant.md): headroom in the page lists pays at 3 and 4 bits; at 2 bits the wider
+# dense range that it costs weighs more than the clamped outliers it saves.
+KEY_THRESHOLD_SHARE = {2: 1.0, 3: 0.75, 4: 0.75}
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,14 @@ class CalibrationSpec:
     # Fisher-weighted rounding error (calib.layer.allocated_thresholds), "even" the same fraction per channel.
     outlier_allocation: Literal["fisher", "even"] = "fisher"
     # The share of outlier_fraction (the page lists' capacity) that the calibrated key thresholds leave out:
-    # text unlike the calibration text has more outliers, and a full list clamps the rest (headroom measured
-    # in benchmarks/results/quality-kvquant.md).
-    key_threshold_share: float = 0.75
+    # text unlike the calibration text has more outliers, and a full list clamps the rest. None: the code
+    # width's share in KEY_THRESHOLD_SHARE.
+    key_threshold_share: float | None = None
     family: ClassVar[str] = "kvquant"
+
+    def __post_init__(self) -> None:
+        if self.key_threshold_share is None:
+            object.__setattr__(self, "key_threshold_share", KEY_THRESHOLD_SHARE.get(self.bits, 1.0))
 
     @classmethod
     def from_header(cls, fields: dict) -> CalibrationSpec:
@@ -87,7 +95,7 @@ class CalibrationSpec:
             flags.append("--layer-key-books")
         if self.outlier_allocation == "even":
             flags.append("--even-outliers")
-        if self.key_threshold_share != CalibrationSpec.key_threshold_share:
+        if self.key_threshold_share != KEY_THRESHOLD_SHARE.get(self.bits, 1.0):
             flags.append(f"--key-threshold-share {self.key_threshold_share:g}")
         return " ".join(flags)
 
