@@ -114,7 +114,6 @@ def test_key_thresholds_leave_out_their_share_of_the_outlier_fraction(share, rng
     assert torch.all(outside <= fraction * share * 1.02) and torch.all(outside >= fraction * share * 0.7), outside
 
 
-
 def test_key_threshold_share_defaults_to_the_code_widths():
     """`calibrate --bits N` (no share given) makes the spec that the kvquantN dtype serves, and names no share flag;
     another share is a flag of its own."""

@@ -95,7 +95,7 @@ class CalibrationSpec:
             flags.append("--layer-key-books")
         if self.outlier_allocation == "even":
             flags.append("--even-outliers")
-        if self.key_threshold_share != KEY_THRESHOLD_SHARE.get(self.bits, 1.0):
+        if self.key_threshold_share != CalibrationSpec(self.bits).key_threshold_share:
             flags.append(f"--key-threshold-share {self.key_threshold_share:g}")
         return " ".join(flags)
 
