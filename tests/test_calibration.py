@@ -124,6 +124,7 @@ def test_key_threshold_share_defaults_to_the_code_widths():
         assert "--key-threshold-share" not in spec.calibrate_flags()
     assert "--key-threshold-share 0.75" in CalibrationSpec(2, key_threshold_share=0.75).calibrate_flags()
 
+
 def test_ray_with_two_workers_equals_inline(activations, tiny_model, positions, inline):
     on_ray = calibrate_layers(
         activations, SPECS, attention_geometry(tiny_model.config), positions, num_workers=2
