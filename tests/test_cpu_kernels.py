@@ -204,13 +204,17 @@ def test_rope_at_long_positions(rope, rng):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+BF16_STEP_ISAS = ("amx", "avx512bf16")  # bf16 models' prefill blocks take bf16 products (tiles, or vdpbf16ps)
+
+
+@pytest.mark.parametrize("bf16_isa", BF16_STEP_ISAS)
 @pytest.mark.parametrize("case", ["4bit-bs32-d128-gqa3-overflow-split", "3bit-bs256-gqa8-overflow"])
-def test_bf16_tile_products(case, rng):
-    """AMX: bf16 queries in prefill blocks of 16 rows or more take their products from bf16 tiles (keys, weights and
+def test_bf16_tile_products(case, bf16_isa, rng):
+    """AMX and AVX512-BF16: bf16 queries in prefill blocks of 16 rows or more take bf16 products (keys, weights and
     values rounded to bf16, sums in float32, as vLLM's CPU attention has them): within bf16 rounding of the float32
     reference, and the rows past the last block of 16 as the float32 kernel."""
-    if "amx" not in _runnable_isas():
-        pytest.skip("this CPU does not run amx")
+    if bf16_isa not in _runnable_isas():
+        pytest.skip(f"this CPU does not run {bf16_isa}")
     dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, _, rope = ATTENTION_CASES[case]
     store, cache, block_table, seq_lens, rope = _attention_setup(dtype, block_size, heads, head_dim, gqa,
                                                                  outlier_rate, lens, rope, rng)
@@ -220,24 +224,25 @@ def test_bf16_tile_products(case, rng):
     scale = head_dim**-0.5
     expected = paged_attention_reference(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale)
     out = cpu.paged_prefill_attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale,
-                                      isa="amx")
+                                      isa=bf16_isa)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     assert not torch.equal(out, cpu.paged_prefill_attention(query.float(), cache, block_table, query_start_loc,
-                                                            seq_lens, store, rope, scale, isa="amx"))
+                                                            seq_lens, store, rope, scale, isa=bf16_isa))
 
 
-def test_bf16_tile_rows_do_not_depend_on_the_thread_count(rng):
-    """AMX: a prefill item takes up to 768 rows on one thread and 16 tokens' rows where many threads need items; a
-    row's bf16 tile products and softmax steps are the same either way, bit for bit."""
-    if "amx" not in _runnable_isas():
-        pytest.skip("this CPU does not run amx")
+@pytest.mark.parametrize("bf16_isa", BF16_STEP_ISAS)
+def test_bf16_tile_rows_do_not_depend_on_the_thread_count(bf16_isa, rng):
+    """AMX and AVX512-BF16: a prefill item takes up to 768 rows on one thread and 16 tokens' rows where many threads
+    need items; a row's bf16 products and softmax steps are the same either way, bit for bit."""
+    if bf16_isa not in _runnable_isas():
+        pytest.skip(f"this CPU does not run {bf16_isa}")
     lens = (300, 41)
     store, cache, block_table, _, rope = _attention_setup("kvquant3", 32, 2, 64, 3, 0.01, lens, "llama3", rng)
     parts = [(r, 0, n, torch.randn(n, 6, 64, generator=rng).bfloat16()) for r, n in enumerate(lens)]
     with _threads(1):
-        one = _chunks_call(parts, cache, block_table, store, rope, "amx", 128)
+        one = _chunks_call(parts, cache, block_table, store, rope, bf16_isa, 128)
     with _threads(8):
-        many = _chunks_call(parts, cache, block_table, store, rope, "amx", 128)
+        many = _chunks_call(parts, cache, block_table, store, rope, bf16_isa, 128)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
 
@@ -279,7 +284,7 @@ def test_bad_inputs_are_clear_errors(rng):
         cpu.paged_decode_attention(query, cache.float(), block_table, seq_lens, store, rope, 0.125)
     with pytest.raises(ValueError, match="the layout needs"):
         cpu.paged_decode_attention(query, cache[:, :100], block_table, seq_lens, store, rope, 0.125)
-    with pytest.raises(ValueError, match="isa must be one of amx, avx512, avx2, scalar"):
+    with pytest.raises(ValueError, match="isa must be one of amx, avx512bf16, avx512, avx2, scalar"):
         cpu.paged_decode_attention(query, cache, block_table, seq_lens, store, rope, 0.125, isa="neon")
     with pytest.raises(RuntimeError, match=r"needs 4 blocks, the block table holds 3"):
         cpu.paged_decode_attention(query, cache, block_table, torch.tensor([49, 9]), store, rope, 0.125)

@@ -1,7 +1,7 @@
 // The interface between the torch op (ops.cpp) and the attention kernels compiled once per instruction set
-// (attention_avx512.cpp, attention_avx2.cpp, attention_scalar.cpp). Plain C++: the kernel translation units
-// include no torch header, so nothing they compile for AVX-512 can be shared with (and linked into) the code
-// that runs on a CPU without it.
+// (attention_amx.cpp, attention_avx512bf16.cpp, attention_avx512.cpp, attention_avx2.cpp, attention_scalar.cpp).
+// Plain C++: the kernel translation units include no torch header, so nothing they compile for AVX-512 can be
+// shared with (and linked into) the code that runs on a CPU without it.
 #pragma once
 
 #include <cstdint>
@@ -10,8 +10,8 @@ namespace kvquant_cpu {
 
 // Tokens per tile: keys and values are dequantized, rotated and attended 16 at a time.
 constexpr int TILE = 16;
-// Keys per softmax step of the rows that take their products from AMX tiles (simd_amx.h): four tiles of a page.
-constexpr int AMX_STEP = 4 * TILE;
+// Keys per softmax step of the rows that take their products in bf16 (simd_avx512bf16.h): four tiles of a page.
+constexpr int BF16_STEP = 4 * TILE;
 
 // Byte offsets of the sections within one kv head's page segment: PageLayout.sections(), passed in (never
 // computed here) in this order.
@@ -34,7 +34,7 @@ struct Problem {
   const float* offset_rope;          // [2, D / 2, TILE]: cos, sin of i x inv_freq[c], i < TILE (rope_tables)
   const float* start_rope;           // [tiles, 2, D / 2]: cos, sin of k x TILE x inv_freq[c] (rope_tables)
   float logit_scale;                 // softmax scale x RoPE scaling x log2(e): logits in base 2
-  bool bf16_products;                // the model computes in bf16: products may round to bf16 (AMX tiles)
+  bool bf16_products;                // the model computes in bf16: products may round to bf16 (BF16_STEPS)
   const float* query;                // float32, rows of D contiguous
   int64_t q_stride_token, q_stride_head;
 };
@@ -62,12 +62,14 @@ using ScratchFn = int64_t (*)(int64_t rows, int head_dim);  // floats of scratch
 
 struct Kernels {
   const char* isa;
+  bool bf16_steps;  // a bf16 model's blocks of 16 rows take bf16 products in softmax steps (V::BF16_STEPS)
   AttendFn attend;
   RopeTablesFn rope_tables;
   ScratchFn scratch_floats;
 };
 
 Kernels kernels_amx();
+Kernels kernels_avx512bf16();
 Kernels kernels_avx512();
 Kernels kernels_avx2();
 Kernels kernels_scalar();

@@ -22,6 +22,7 @@
 namespace kvquant_cpu {
 namespace {
 #include "simd_avx512.h"
+#include "simd_avx512bf16.h"
 #include "simd_amx.h"
 #include "attention_kernel.h"
 }  // namespace
@@ -36,7 +37,7 @@ namespace {
 namespace kvquant_cpu {
 
 Kernels kernels_amx() {
-  return {Amx::name, attend_any<Amx>, rope_tables<Amx>, scratch_floats};
+  return {Amx::name, Amx::BF16_STEPS, attend_any<Amx>, rope_tables<Amx>, scratch_floats};
 }
 
 }  // namespace kvquant_cpu

@@ -35,7 +35,7 @@ namespace {
 namespace kvquant_cpu {
 
 Kernels kernels_avx2() {
-  return {Avx2::name, attend_any<Avx2>, rope_tables<Avx2>, scratch_floats};
+  return {Avx2::name, Avx2::BF16_STEPS, attend_any<Avx2>, rope_tables<Avx2>, scratch_floats};
 }
 
 }  // namespace kvquant_cpu

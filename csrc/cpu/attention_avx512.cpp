@@ -35,7 +35,7 @@ namespace {
 namespace kvquant_cpu {
 
 Kernels kernels_avx512() {
-  return {Avx512::name, attend_any<Avx512>, rope_tables<Avx512>, scratch_floats};
+  return {Avx512::name, Avx512::BF16_STEPS, attend_any<Avx512>, rope_tables<Avx512>, scratch_floats};
 }
 
 }  // namespace kvquant_cpu

@@ -22,8 +22,9 @@
 //      outliers and the sink, accumulated into the rows' outputs, several rows per pass over the tile.
 // An item of few rows (a decode) runs steps 1-3 and 4 straight from the codes, the keys and values never leaving
 // registers (score_codes, CodedValues), in the same operations and order, so that its rows get the same bits.
-// With AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and 4's products from bf16 tiles, and
-// their softmax steps over AMX_STEP keys (four tiles of a page) at a time.
+// With AVX512-BF16 (simd_avx512bf16.h) or AMX (simd_amx.h) and a bf16 model, blocks of 16 rows take steps 3 and
+// 4's products in bf16 (dot products of pairs, or tiles), and their softmax steps over BF16_STEP keys (four tiles
+// of a page) at a time.
 // Nothing is allocated: the rows' state and the tile live in the caller's scratch.
 #pragma once
 
@@ -334,12 +335,12 @@ struct ScratchLayout {
     value_scale = section(2 * TILE);            // [2, TILE]
     visible = section(rows);                    // [rows] int32: keys of the tile each row sees
     exact_lanes = section(d);                   // [D] uint32: tile lanes of each channel that outliers hold
-    q16 = section(rows * d / 2);                // tile products (simd_amx.h): [rows, D] bf16 queries
-    p_step = section(rows * AMX_STEP);          // [rows, AMX_STEP] logits
-    key_pairs = section(d * AMX_STEP / 2);      // [AMX_STEP / TILE, D / 2, TILE, 2] bf16
-    value_pairs = section(d * AMX_STEP / 2);    // [D / 16, AMX_STEP / 2, 16, 2] bf16
-    weights = section(rows * AMX_STEP / 2);     // [rows, AMX_STEP] bf16
-    partial = section(4 * 16 * 16);             // [4, 16, 16]
+    q16 = section(rows * d / 2);                // bf16 products (simd_avx512bf16.h): [rows, D] bf16 queries
+    p_step = section(rows * BF16_STEP);         // [rows, BF16_STEP] logits
+    key_pairs = section(d * BF16_STEP / 2);     // [BF16_STEP / TILE, D / 2, TILE, 2] bf16
+    value_pairs = section(d * BF16_STEP / 2);   // [D / 16, BF16_STEP / 2, 16, 2] bf16
+    weights = section(rows * BF16_STEP / 2);    // [rows, BF16_STEP] bf16
+    partial = section(4 * 16 * 16);             // [4, 16, 16] AMX's output tiles
   }
 };
 
@@ -363,10 +364,10 @@ int keys_seen(int64_t position, int64_t first_key, int keys) {
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(position - first_key + 1, 0), keys));
 }
 
-// The online softmax of the tile rows [0, tile_rows) (a multiple of 16) over one step's keys step_t0 .. + keys:
-// their logits p_step [rows, STEP] -> weights [rows, STEP] bf16 (written well before the tiles load them), running
-// max and denominator, and each row's rescale in alpha. In three passes over the rows, so that the rows' reductions
-// to their max (a chain of shuffles each) overlap, and their rescales take one vector exp2 per 16 rows.
+// The online softmax of the tile rows [0, tile_rows) (a multiple of 16) over one step's keys step_t0 .. + keys: their
+// logits p_step [rows, STEP] -> weights [rows, STEP] bf16 (written well before the products read them), running max
+// and denominator, and each row's rescale in alpha. In three passes over the rows, so that the rows' reductions to
+// their max (a chain of shuffles each) overlap, and their rescales take one vector exp2 per 16 rows.
 template <class V>
 void tile_step(const Item& it, int g, int tile_rows, int64_t step_t0, int keys, const float* p_step,
                uint16_t* weights, float* m, float* l, float* alpha) {
@@ -423,9 +424,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
 
   const int g = pb.gqa, kvh = it.kv_head, bs = pb.block_size;
   const int rows = static_cast<int>(it.num_tokens) * g;
-  // Rows [0, tile_rows) in blocks of 16 take their products from AMX tiles (bf16 models), the others FMAs.
+  // Rows [0, tile_rows) in blocks of 16 take their products in bf16 (bf16 models), the others float32 FMAs.
   int tile_rows = 0;
-  if constexpr (V::AMX) tile_rows = pb.bf16_products ? rows / V::TILE_ROWS * V::TILE_ROWS : 0;
+  if constexpr (V::BF16_STEPS) tile_rows = pb.bf16_products ? rows / V::TILE_ROWS * V::TILE_ROWS : 0;
   const ScratchLayout lay(rows, D);
   float* q = scratch + lay.q;
   float* q_turned = scratch + lay.q_turned;
@@ -461,9 +462,9 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
     for (int i = 0; i < 16; i += L) V::store(l + r * 16 + i, V::zero());
     m[r] = NEG_INF;
   }
-  if constexpr (V::AMX) {
+  if constexpr (V::BF16_STEPS) {
     if (tile_rows) {
-      V::tiles_configure();
+      V::begin_products();
       V::to_bf16(q, q16, tile_rows * D);
     }
   }
@@ -541,7 +542,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       }
 
       // ---- 3. logits and online softmax
-      if constexpr (V::AMX) {
+      if constexpr (V::BF16_STEPS) {
         if (tile_rows) V::template turned_keys_to_pairs<D>(keys, rope, key_pairs + slot * D * TILE);
       }
       if (from_codes) {
@@ -620,7 +621,7 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
       if (sink_tile) {
         for (int j = 0; j < NG; ++j) V::store(values + j * L, V::load_half(sink + D + j * L));
       }
-      if constexpr (V::AMX) {
+      if constexpr (V::BF16_STEPS) {
         if (tile_rows) {
           for (int t = max_visible; t < TILE; ++t) {  // weight 0, but 0 x NaN is not 0
             for (int j = 0; j < NG; ++j) V::store(values + t * D + j * L, V::zero());
@@ -647,8 +648,8 @@ void attend(const Problem& pb, const Item& it, float* scratch) {
     }
   }
 
-  if constexpr (V::AMX) {
-    if (tile_rows) V::tiles_release();
+  if constexpr (V::BF16_STEPS) {
+    if (tile_rows) V::end_products();
   }
   for (int r = 0; r < rows; ++r) {
     const int64_t token = r / g, head = r % g;

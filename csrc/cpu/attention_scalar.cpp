@@ -17,7 +17,7 @@ namespace {
 namespace kvquant_cpu {
 
 Kernels kernels_scalar() {
-  return {Scalar::name, attend_any<Scalar>, rope_tables<Scalar>, scratch_floats};
+  return {Scalar::name, Scalar::BF16_STEPS, attend_any<Scalar>, rope_tables<Scalar>, scratch_floats};
 }
 
 }  // namespace kvquant_cpu

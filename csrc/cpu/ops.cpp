@@ -36,14 +36,15 @@ namespace {
 
 constexpr int NUM_SECTIONS = 10;
 // A prefill work item's keys and values are dequantized and rotated once per item and tile, and its rows (tokens x
-// query heads of a kv head) share them. Rows that take their products from AMX tiles (a bf16 model) cost so little
-// that the dequantization dominates unless many rows share it: up to TILE_PREFILL_ROWS, while their state (about
-// 1.4 KB per row at head dim 64) stays in the L2 cache. Rows of FMA products keep theirs in L1: FMA_PREFILL_ROWS.
+// query heads of a kv head) share them. Rows that take their products in bf16 (a bf16 model: AMX tiles, or
+// AVX512-BF16 dot products) cost so little that the dequantization dominates unless many rows share it: up to
+// TILE_PREFILL_ROWS, while their state (about 1.4 KB per row at head dim 64) stays in the L2 cache. Rows of FMA
+// products keep theirs in L1: FMA_PREFILL_ROWS.
 constexpr int TILE_PREFILL_ROWS = 768;
 constexpr int FMA_PREFILL_ROWS = 48;
 constexpr int ITEMS_PER_THREAD = 4;
-// Tokens per item are a multiple of 16 (one block of AMX tile rows), so that which rows take their products from the
-// tiles depends on the chunk alone, not on the block size that the thread count chooses.
+// Tokens per item are a multiple of 16 (one block of bf16 rows), so that which rows take their products in bf16
+// depends on the chunk alone, not on the block size that the thread count chooses.
 constexpr int PREFILL_TOKEN_STEP = 16;
 
 // Linux gives a process AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA); torch and
@@ -61,9 +62,10 @@ bool cpu_has(const char* isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (std::strcmp(isa, "amx") == 0) {
-    return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("amx-tile") &&
-           __builtin_cpu_supports("amx-bf16") && amx_permitted();
+    return cpu_has("avx512bf16") && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+           amx_permitted();
   }
+  if (std::strcmp(isa, "avx512bf16") == 0) return cpu_has("avx512") && __builtin_cpu_supports("avx512bf16");
   if (std::strcmp(isa, "avx512") == 0) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
@@ -76,18 +78,21 @@ bool cpu_has(const char* isa) {
   return std::strcmp(isa, "scalar") == 0;
 }
 
-// The best instruction set of this CPU, or the one asked for ("amx", "avx512", "avx2", "scalar"; "" for the best).
+// The best instruction set of this CPU, or the one asked for ("amx", "avx512bf16", "avx512", "avx2", "scalar"; ""
+// for the best).
 Kernels select_kernels(const std::string& isa) {
   if (isa.empty()) {
     if (cpu_has("amx")) return kernels_amx();
+    if (cpu_has("avx512bf16")) return kernels_avx512bf16();
     if (cpu_has("avx512")) return kernels_avx512();
     if (cpu_has("avx2")) return kernels_avx2();
     return kernels_scalar();
   }
-  TORCH_CHECK(isa == "amx" || isa == "avx512" || isa == "avx2" || isa == "scalar",
-              "kvquant CPU attention: unknown instruction set '", isa, "' (amx, avx512, avx2 or scalar)");
+  TORCH_CHECK(isa == "amx" || isa == "avx512bf16" || isa == "avx512" || isa == "avx2" || isa == "scalar",
+              "kvquant CPU attention: unknown instruction set '", isa, "' (amx, avx512bf16, avx512, avx2 or scalar)");
   TORCH_CHECK(cpu_has(isa.c_str()), "kvquant CPU attention: this CPU does not support ", isa);
   if (isa == "amx") return kernels_amx();
+  if (isa == "avx512bf16") return kernels_avx512bf16();
   if (isa == "avx512") return kernels_avx512();
   if (isa == "avx2") return kernels_avx2();
   return kernels_scalar();
@@ -134,8 +139,8 @@ void run_items(const Kernels& kernels, const Problem& pb, const std::vector<Item
   });
 }
 
-// Query tokens per prefill work item: the largest multiple of PREFILL_TOKEN_STEP within TILE_PREFILL_ROWS rows (AMX
-// tile products) or FMA_PREFILL_ROWS that still leaves ITEMS_PER_THREAD items (counted before context splits) for
+// Query tokens per prefill work item: the largest multiple of PREFILL_TOKEN_STEP within TILE_PREFILL_ROWS rows (bf16
+// products) or FMA_PREFILL_ROWS that still leaves ITEMS_PER_THREAD items (counted before context splits) for
 // each of torch's threads.
 int64_t prefill_block_tokens(const std::vector<int64_t>& starts, int64_t num_kv_heads, int64_t gqa, bool tiles) {
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -157,7 +162,7 @@ int64_t prefill_block_tokens(const std::vector<int64_t>& starts, int64_t num_kv_
 // query_start_loc [num_reqs + 1], seq_lens [num_reqs] (context + chunk; integer), key_scale / key_offset
 // [H, D], key_book [H, D, 2**bits] (a decode codebook per channel), value_book [2**bits], inv_freq [D / 2]
 // float32. sections: PageLayout.sections() offsets in the order of `Sections`. bf16_products: the model computes
-// in bf16, so products may round to bf16 (AMX tiles).
+// in bf16, so products may round to bf16 (Kernels::bf16_steps).
 // split_pages: a context of more pages attends in splits of that many pages, merged.
 void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor& pages, const at::Tensor& block_table,
                      const at::Tensor& query_start_loc, const at::Tensor& seq_lens, const at::Tensor& key_scale,
@@ -292,7 +297,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& query, const at::Tensor&
 
   std::vector<Item> items;
   int64_t max_rows = 0;
-  const bool tiles = bf16_products && std::strcmp(kernels.isa, "amx") == 0;  // tile rows (attend)
+  const bool tiles = bf16_products && kernels.bf16_steps;  // tile rows (attend)
   const int64_t block_q = prefill_block_tokens(starts, num_kv_heads, gqa, tiles);
   for (int64_t r = 0; r < num_reqs; ++r) {
     const int64_t q_len = starts[r + 1] - starts[r], seq_len = lengths[r];

@@ -6,7 +6,7 @@ struct Avx2 {
   static constexpr const char* name = "avx2";
   static constexpr int L = 8;
   static constexpr int REGS = 16;
-  static constexpr bool AMX = false;  // no tile products (simd_amx.h)
+  static constexpr bool BF16_STEPS = false;  // no bf16 step products (simd_avx512bf16.h)
   using F = __m256;
   using I = __m256i;
 

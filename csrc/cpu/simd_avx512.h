@@ -6,7 +6,7 @@ struct Avx512 {
   static constexpr const char* name = "avx512";
   static constexpr int L = 16;
   static constexpr int REGS = 32;  // vector registers
-  static constexpr bool AMX = false;  // no tile products (simd_amx.h)
+  static constexpr bool BF16_STEPS = false;  // no bf16 step products (simd_avx512bf16.h)
   using F = __m512;
   using I = __m512i;
 

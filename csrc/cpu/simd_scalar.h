@@ -7,7 +7,7 @@ struct Scalar {
   static constexpr const char* name = "scalar";
   static constexpr int L = 8;
   static constexpr int REGS = 16;
-  static constexpr bool AMX = false;  // no tile products (simd_amx.h)
+  static constexpr bool BF16_STEPS = false;  // no bf16 step products (simd_avx512bf16.h)
   struct F {
     float v[L];
   };

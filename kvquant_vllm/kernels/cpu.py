@@ -8,19 +8,20 @@ time with :func:`torch.utils.cpp_extension.load` into ``<cache>/torch_extensions
 :func:`kvquant_vllm.models.cache_dir`). :func:`available` says whether either worked (once per process, with one
 warning when neither did: the caller then runs the PyTorch path).
 
-The op picks the widest instruction set the CPU has at run time: AMX (AVX-512 with bf16 tiles), AVX-512, AVX2
-(with FMA and F16C), or portable C++; ``isa=`` forces one. For a bf16 model (bf16 queries) the AMX kernels take the
-products of prefill blocks from bf16 tiles, as vLLM's own CPU attention does; other queries are attended in
-float32. Work is spread over torch's intra-op threads (``torch.get_num_threads()``): one item per (request, block
-of query tokens, kv head, split of the context). Nothing here imports vLLM.
+The op picks the widest instruction set the CPU has at run time: AMX (AVX-512 with bf16 tiles), AVX512-BF16 (AVX-512
+with bf16 dot products), AVX-512, AVX2 (with FMA and F16C), or portable C++; ``isa=`` forces one. For a bf16 model
+(bf16 queries) the AMX and AVX512-BF16 kernels take the products of prefill blocks in bf16 (tiles, or ``vdpbf16ps``),
+as vLLM's own CPU attention does; other queries are attended in float32. Work is spread over torch's intra-op threads
+(``torch.get_num_threads()``): one item per (request, block of query tokens, kv head, split of the context). Nothing
+here imports vLLM.
 
 Batch invariance: a query token's result depends on its request alone (its pages, its position, its query), bit
 for bit, never on the other requests of the call, on how vLLM chunked the prompt or on the thread count. A context
 is split at fixed page ranges of :data:`SPLIT_TOKENS` (the same for a decode token and for a prefill chunk's rows,
 merged in split order), and every row runs the same arithmetic whatever the size of its work item. Outputs under
 load then differ from those of the request alone only where the queries, keys and values that vLLM hands over do.
-Not so for a bf16 model on a CPU with AMX: there a prefill item's rows in whole blocks of 16 take bf16 tile products
-and the others float32 ones, so a row's rounding depends on where the scheduler cut its chunk.
+Not so for a bf16 model on a CPU with AMX or AVX512-BF16: there a prefill item's rows in whole blocks of 16 take
+bf16 products and the others float32 ones, so a row's rounding depends on where the scheduler cut its chunk.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INSTRUCTION_SETS = ("amx", "avx512", "avx2", "scalar")  # widest first
+INSTRUCTION_SETS = ("amx", "avx512bf16", "avx512", "avx2", "scalar")  # widest first
 HEAD_DIMS = (64, 128, 256)
 LOG2E = math.log2(math.e)
 # Contexts attend in splits of this many tokens (whole pages, at least one): enough items for every thread with

@@ -12,11 +12,12 @@ import hashlib
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-# ops.cpp holds the attention op, each attention_<isa>.cpp compiles its kernel for one instruction set (AMX, AVX-512,
-# AVX2, portable); store.cpp holds the store op.
-SOURCES = ("ops.cpp", "attention_amx.cpp", "attention_avx512.cpp", "attention_avx2.cpp", "attention_scalar.cpp",
-           "store.cpp")
-HEADERS = ("attention.h", "attention_kernel.h", "simd_amx.h", "simd_avx512.h", "simd_avx2.h", "simd_scalar.h")
+# ops.cpp holds the attention op, each attention_<isa>.cpp compiles its kernel for one instruction set (AMX,
+# AVX512-BF16, AVX-512, AVX2, portable); store.cpp holds the store op.
+SOURCES = ("ops.cpp", "attention_amx.cpp", "attention_avx512bf16.cpp", "attention_avx512.cpp", "attention_avx2.cpp",
+           "attention_scalar.cpp", "store.cpp")
+HEADERS = ("attention.h", "attention_kernel.h", "simd_amx.h", "simd_avx512bf16.h", "simd_avx512.h", "simd_avx2.h",
+           "simd_scalar.h")
 # No -march: each instruction set is enabled inside its own source, and the op picks one at run time.
 # OpenMP: at::parallel_for runs on OpenMP threads in torch's CPU builds (its loop is inline in the headers).
 # No contraction of products and sums into FMAs: the store rounds every operation as torch does (the kernels call
