@@ -38,11 +38,22 @@ def _runnable_isas() -> list[str]:
     return list(cpu.INSTRUCTION_SETS[cpu.INSTRUCTION_SETS.index(best):])
 
 
+def _runnable(isa: str) -> str:
+    """``isa``, or a skip where this CPU does not run it."""
+    if isa not in _runnable_isas():
+        pytest.skip(f"this CPU does not run {isa}")
+    return isa
+
+
 @pytest.fixture(params=cpu.INSTRUCTION_SETS)
 def isa(request):
-    if request.param not in _runnable_isas():
-        pytest.skip(f"this CPU does not run {request.param}")
-    return request.param
+    return _runnable(request.param)
+
+
+@pytest.fixture(params=("amx", "avx512bf16"))
+def bf16_isa(request):
+    """The instruction sets whose kernels take a bf16 model's prefill blocks in bf16 products (tiles, or vdpbf16ps)."""
+    return _runnable(request.param)
 
 
 @pytest.mark.parametrize("case", ATTENTION_CASES)
@@ -204,17 +215,11 @@ def test_rope_at_long_positions(rope, rng):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-BF16_STEP_ISAS = ("amx", "avx512bf16")  # bf16 models' prefill blocks take bf16 products (tiles, or vdpbf16ps)
-
-
-@pytest.mark.parametrize("bf16_isa", BF16_STEP_ISAS)
 @pytest.mark.parametrize("case", ["4bit-bs32-d128-gqa3-overflow-split", "3bit-bs256-gqa8-overflow"])
 def test_bf16_tile_products(case, bf16_isa, rng):
     """AMX and AVX512-BF16: bf16 queries in prefill blocks of 16 rows or more take bf16 products (keys, weights and
     values rounded to bf16, sums in float32, as vLLM's CPU attention has them): within bf16 rounding of the float32
     reference, and the rows past the last block of 16 as the float32 kernel."""
-    if bf16_isa not in _runnable_isas():
-        pytest.skip(f"this CPU does not run {bf16_isa}")
     dtype, block_size, heads, head_dim, gqa, outlier_rate, lens, _, rope = ATTENTION_CASES[case]
     store, cache, block_table, seq_lens, rope = _attention_setup(dtype, block_size, heads, head_dim, gqa,
                                                                  outlier_rate, lens, rope, rng)
@@ -226,16 +231,23 @@ def test_bf16_tile_products(case, bf16_isa, rng):
     out = cpu.paged_prefill_attention(query, cache, block_table, query_start_loc, seq_lens, store, rope, scale,
                                       isa=bf16_isa)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
-    assert not torch.equal(out, cpu.paged_prefill_attention(query.float(), cache, block_table, query_start_loc,
-                                                            seq_lens, store, rope, scale, isa=bf16_isa))
+    out32 = cpu.paged_prefill_attention(query.float(), cache, block_table, query_start_loc, seq_lens, store, rope,
+                                        scale, isa=bf16_isa)
+    assert not torch.equal(out, out32)
+    # Every item of a chunk but its last holds a multiple of 16 tokens, so the float32 rows are the chunk's last
+    # (tokens x gqa) % 16 rows (token-major) of every kv head.
+    float32_rows = 0
+    for first, n in zip(query_start_loc.tolist(), chunks):
+        for row in range(n * gqa - n * gqa % 16, n * gqa):
+            token, q_heads = first + row // gqa, slice(row % gqa, heads * gqa, gqa)
+            assert torch.equal(out[token, q_heads], out32[token, q_heads])
+            float32_rows += 1
+    assert float32_rows > 0
 
 
-@pytest.mark.parametrize("bf16_isa", BF16_STEP_ISAS)
 def test_bf16_tile_rows_do_not_depend_on_the_thread_count(bf16_isa, rng):
     """AMX and AVX512-BF16: a prefill item takes up to 768 rows on one thread and 16 tokens' rows where many threads
     need items; a row's bf16 products and softmax steps are the same either way, bit for bit."""
-    if bf16_isa not in _runnable_isas():
-        pytest.skip(f"this CPU does not run {bf16_isa}")
     lens = (300, 41)
     store, cache, block_table, _, rope = _attention_setup("kvquant3", 32, 2, 64, 3, 0.01, lens, "llama3", rng)
     parts = [(r, 0, n, torch.randn(n, 6, 64, generator=rng).bfloat16()) for r, n in enumerate(lens)]
