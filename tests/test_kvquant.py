@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kvquant_vllm.quant.codebook import uniform_codebook
+from kvquant_vllm.quant.codebook import nearest_code, uniform_codebook
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.kvquant import (
     CalibrationSpec,
@@ -10,7 +10,10 @@ from kvquant_vllm.quant.kvquant import (
     KVQuantOptions,
     LayerCalibration,
     kvquant_methods,
+    normalize_per_vector,
     outliers_per_vector,
+    refit_per_vector,
+    to_fixed,
     vector_outlier_mask,
 )
 from calib_helpers import random_calibration
@@ -92,7 +95,8 @@ def test_qnorm_changes_only_decoding(rng):
 
 def test_values_per_token_with_topk_outliers(rng):
     spec = CalibrationSpec(3, value_rotation=False, value_outliers=True)
-    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, sink_tokens=0), _calibration(spec, rng))
+    # The range fit alone (its error bound below); test_value_refit_* cover the least-squares refit.
+    codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, sink_tokens=0, value_refits=0), _calibration(spec, rng))
     x = torch.randn(17, H, D, generator=rng)
     x[3, 1, 5] = 40.0  # one huge outlier per vector at most (k = 1 for D=16 at 1%)
     p = codec.encode(x, "value", 0)
@@ -108,6 +112,61 @@ def test_values_per_token_with_topk_outliers(rng):
     assert (err <= step / 2 * 1.01 + 2e-3).all()
     # The outlier did not stretch its vector's range: the rest of that vector stays accurate.
     assert float((rec[3, 1] - x[3, 1]).abs().max()) < 0.5
+
+
+def test_to_fixed_truncates_and_clamps():
+    x = torch.tensor([0.75, -0.75, 2.0**-21, -(2.0**-20), 5.0, -9.0, float("nan"), float("inf")])
+    assert to_fixed(x, 4.0, 2.0**20).tolist() == [786432, -786432, 0, -1, 4 << 20, -4 << 20, 4 << 20, 4 << 20]
+
+
+def _inlier_sse(x, outlier, codes, book, scale, offset):
+    """float64 squared error of the inliers per vector: [...]."""
+    error = x.double() - (book.double()[codes.long()] * scale.double() + offset.double())
+    return torch.where(outlier, 0.0, error * error).sum(-1)
+
+
+def test_value_refit_is_the_least_squares_line_of_the_codes(rng):
+    """One round against a float64 reference: where a vector takes the refit, its fp16 scale and offset are the
+    least-squares line of its inliers through the decode book at the range fit's codes (the scale within fp16
+    rounding, the offset the best one for that scale), and its codes the nearest entries under them; no vector's
+    inlier error grows, and the total falls."""
+    x = torch.randn(400, 2, 64, generator=rng) * (0.2 + 3 * torch.rand(400, 2, 1, generator=rng)) \
+        + torch.randn(400, 2, 1, generator=rng)
+    book = torch.tensor([-1.0, -0.62, -0.33, -0.1, 0.08, 0.3, 0.58, 1.0])  # non-uniform, not symmetric
+    xn, outlier, scale, offset = normalize_per_vector(x, 1)
+    codes = nearest_code(xn.clamp(-1, 1), book)
+    new_codes, new_scale, new_offset = refit_per_vector(x, outlier, scale, offset, codes, book, rounds=1)
+
+    inlier = (~outlier).double()
+    b, xd = book.double()[codes.long()], x.double()
+    n = inlier.sum(-1, keepdim=True)
+    mean_b, mean_x = (b * inlier).sum(-1, keepdim=True) / n, (xd * inlier).sum(-1, keepdim=True) / n
+    slope = ((b - mean_b) * (xd - mean_x) * inlier).sum(-1, keepdim=True) \
+        / ((b - mean_b) ** 2 * inlier).sum(-1, keepdim=True)
+    line_offset = mean_x - new_scale.double() * mean_b  # the best offset for the stored scale
+    taken = ((new_scale != scale) | (new_offset != offset)).squeeze(-1)
+    assert taken.float().mean() > 0.5
+    step = 2.0 ** -10  # fp16's relative spacing
+    assert ((new_scale.double() - slope).abs() <= step * slope.abs())[taken].all()
+    assert ((new_offset.double() - line_offset).abs() <= step * line_offset.abs() + 1e-5 * scale.double())[taken].all()
+    recoded = (((xd - new_offset.double()) / new_scale.double())[..., None] - book.double()).abs().argmin(-1)
+    assert (recoded != new_codes.long())[taken].float().mean() < 1e-3
+    before = _inlier_sse(x, outlier, codes, book, scale, offset)
+    after = _inlier_sse(x, outlier, new_codes, book, new_scale, new_offset)
+    assert (after <= before * (1 + 1e-5)).all()
+    assert after.sum() < 0.95 * before.sum()
+
+
+def test_value_refit_rounds_lower_the_codec_error(rng):
+    """kvquant3's values with 0, 1 and 2 rounds: each round lowers the total error of the decoded values."""
+    spec = CalibrationSpec(3)
+    cal = _calibration(spec, rng)
+    x = torch.randn(300, H, D, generator=rng) * 2 + 0.5
+    errors = []
+    for rounds in (0, 1, 2):
+        codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, sink_tokens=0, value_refits=rounds), cal)
+        errors.append(float((codec.decode(codec.encode(x, "value", 0)) - x).double().pow(2).sum()))
+    assert errors[2] < errors[1] < 0.95 * errors[0]
 
 
 def test_vector_outlier_mask_picks_farthest_from_median():

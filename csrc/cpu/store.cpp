@@ -2,7 +2,8 @@
 // PagedKVQuant.store (kvquant_vllm/quant/pagestore.py) operation for operation, so it writes the same bytes:
 // inverse RoPE, keys normalised per channel (calibrated) and values per token after taking out their top-k
 // outliers (distance from the vector's median; ties go to the lower channel, as the Triton store), nearest codebook
-// entries, codes packed in bit planes, fp16 scales and outliers, the sink at position 0, and each head's key outlier
+// entries, the values' scales and offsets refitted by least squares (fixed-point sums, exact in any order), codes
+// packed in bit planes, fp16 scales and outliers, the sink at position 0, and each head's key outlier
 // list extended first come, first kept.
 //
 // Portable C++ (no instruction-set pragmas), built with -ffp-contract=off so that no product and sum fuse: every
@@ -71,7 +72,7 @@ float half_to_float(uint16_t h) {
 }
 
 struct StoreLayout {
-  int bits, block_size, d, num_kv_heads, key_capacity, value_outliers;
+  int bits, block_size, d, num_kv_heads, key_capacity, value_outliers, value_refits;
   int64_t head_stride;
   int64_t key_codes, value_codes, value_scale, value_offset, value_out_val, value_out_idx, key_out_val, key_out_pos,
       key_out_count, sink;  // PageLayout.sections() offsets
@@ -184,6 +185,82 @@ void lower_medians(const float* rows, int64_t count, int d, float* out) {
   }
 }
 
+// The refit's fixed-point numbers (kvquant.to_fixed and its constants): x clamped to [-limit, limit] (NaN to limit),
+// times a power of two, truncated towards zero. Their sums are exact in any order, so all stores agree.
+constexpr float FIT_LIMIT = 4.0f, FIT_ONE = 1048576.0f, ERROR_LIMIT = 1048576.0f, ERROR_ONE = 16777216.0f;
+
+int64_t to_fixed(float x, float limit, float one) {
+  x = x < limit ? x : limit;
+  x = x > -limit ? x : -limit;
+  return static_cast<int64_t>(x * one);
+}
+
+// kvquant.inlier_error: the squared error of the inliers (flag 0) of v [d] decoded as book[codes] * scale + offset,
+// in units of unit squared, fixed-point.
+int64_t inlier_error(const float* v, const uint8_t* flag, const uint8_t* codes, const float* book, float scale,
+                     float offset, float unit, int d) {
+  int64_t sum = 0;
+  for (int c = 0; c < d; ++c) {
+    const float error = (v[c] - (book[codes[c]] * scale + offset)) / unit;
+    float square = error * error;
+    square = square < ERROR_LIMIT ? square : ERROR_LIMIT;  // NaN too
+    sum += flag[c] ? 0 : static_cast<int64_t>(square * ERROR_ONE);
+  }
+  return sum;
+}
+
+// kvquant.refit_per_vector for one value vector v [d] with its outlier flags: least-squares lines of the inliers,
+// normalised by the range fit (normalised [d]), against the decode book at their codes; the codes, scale and
+// offset of the lowest inlier squared error are kept. book: the decode book [2**bits]; midpoints: its [2**bits - 1].
+void refit_values(int bits, int rounds, const float* v, const uint8_t* flag, const float* normalised, const float* book,
+                  const float* midpoints, int d, uint8_t* codes, uint16_t& scale16, uint16_t& offset16) {
+  constexpr float INF = std::numeric_limits<float>::infinity();
+  const uint16_t range_scale = scale16, range_offset = offset16;
+  const float s0 = half_to_float(range_scale), o0 = half_to_float(range_offset);
+  int64_t fixed_x[MAX_D], fixed_b[MAX_D], count = 0, sum_x = 0;
+  float recoded[MAX_D];
+  uint8_t current[MAX_D];
+  for (int c = 0; c < d; ++c) {
+    fixed_x[c] = flag[c] ? 0 : to_fixed(normalised[c], FIT_LIMIT, FIT_ONE);
+    count += flag[c] ? 0 : 1;
+    sum_x += fixed_x[c];
+  }
+  int64_t best = inlier_error(v, flag, codes, book, s0, o0, s0, d);
+  std::copy(codes, codes + d, current);
+  for (int round = 0; round < rounds; ++round) {
+    int64_t sum_b = 0, sum_bb = 0, sum_bx = 0;
+    for (int c = 0; c < d; ++c) {
+      fixed_b[c] = flag[c] ? 0 : to_fixed(book[current[c]], FIT_LIMIT, FIT_ONE);
+      sum_b += fixed_b[c];
+      sum_bb += fixed_b[c] * fixed_b[c];
+      sum_bx += fixed_b[c] * fixed_x[c];
+    }
+    const int64_t variance = count * sum_bb - sum_b * sum_b, covariance = count * sum_bx - sum_b * sum_x;
+    uint16_t fit_scale = float_to_half(s0 * (static_cast<float>(covariance) / static_cast<float>(variance)));
+    float s = half_to_float(fit_scale);
+    // The best offset for the fp16 scale (kvquant.refit_per_vector's expression, operation for operation).
+    const float mean = (static_cast<float>(sum_x) - s / s0 * static_cast<float>(sum_b)) /
+                       (static_cast<float>(count) * FIT_ONE);
+    uint16_t fit_offset = float_to_half(o0 + s0 * mean);
+    float o = half_to_float(fit_offset);
+    if (!(variance > 0 && s > 0.0f && s < INF && std::fabs(o) < INF)) {
+      fit_scale = range_scale, fit_offset = range_offset, s = s0, o = o0;
+    }
+    for (int c = 0; c < d; ++c) {
+      recoded[c] = (v[c] - o) / s;
+      current[c] = 0;
+    }
+    for (int i = 0; i < (1 << bits) - 1; ++i) {
+      for (int c = 0; c < d; ++c) current[c] += recoded[c] > midpoints[i];
+    }
+    const int64_t error = inlier_error(v, flag, current, book, s, o, s0, d);
+    if (error < best) {
+      std::copy(current, current + d, codes);
+      scale16 = fit_scale, offset16 = fit_offset, best = error;
+    }
+  }
+}
+
 struct Outlier {
   int64_t token;
   int head, channel;
@@ -194,8 +271,8 @@ struct Outlier {
 // are returned for the lists.
 void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t position, const float* key,
                  const float* value, const float* cos, const float* sin, float inverse_gain, const float* key_scale,
-                 const float* key_offset, const float* key_mid, const float* value_mid, const float* medians,
-                 int64_t token, std::vector<Outlier>& outliers) {
+                 const float* key_offset, const float* key_mid, const float* value_mid, const float* value_book,
+                 const float* value_book_mid, const float* medians, int64_t token, std::vector<Outlier>& outliers) {
   const int d = lay.d, half = d / 2, packed = d * lay.bits / 8;
   float pre[MAX_D], normalised[MAX_D], deviation[MAX_D];
   uint8_t codes[MAX_D];
@@ -258,13 +335,17 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
       }
     }
     const float hi = *std::max_element(highest, highest + LANES), lo = *std::min_element(lowest, lowest + LANES);
-    const uint16_t offset16 = float_to_half((hi + lo) / 2), scale16 = float_to_half(std::max((hi - lo) / 2, 1e-4f));
+    uint16_t offset16 = float_to_half((hi + lo) / 2), scale16 = float_to_half(std::max((hi - lo) / 2, 1e-4f));
     const float value_offset = half_to_float(offset16), value_scale = half_to_float(scale16);
     int e = 0;
     uint16_t* out_val = reinterpret_cast<uint16_t*>(seg + lay.value_out_val) + offset * lay.value_outliers;
     uint8_t* out_idx = seg + lay.value_out_idx + offset * lay.value_outliers;
     for (int c = 0; c < d; ++c) normalised[c] = (v[c] - value_offset) / value_scale;
     channel_codes_of(lay.bits, normalised, d, value_mid, d, codes);
+    if (lay.value_refits > 0) {
+      refit_values(lay.bits, lay.value_refits, v, flag, normalised, value_book, value_book_mid, d, codes, scale16,
+                   offset16);
+    }
     for (int c = 0; c < d; ++c) {
       if (flag[c]) {  // in channel order, as the stored index list is
         out_idx[e] = static_cast<uint8_t>(c);
@@ -288,13 +369,14 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
 // pages [num_blocks, page bytes] uint8 (written); key, value [T, H, D] float32 contiguous (key post-RoPE);
 // slots, positions [T] int64 (slot = block * block_size + offset, negative = padding); cos, sin [T, D] float32
 // (the model's scaled RoPE at the positions); key_scale, key_offset [H, D]; key_book [H, D, 2**bits] (a book per
-// channel), value_book [2**bits] float32,
-// the encode codebooks (sorted).
+// channel), value_book [2**bits] float32, the encode codebooks (sorted); value_decode_book [2**bits] float32, the
+// values' decode book, which value_refits rounds of least squares fit their scales and offsets against.
 void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
            const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, double inverse_gain,
            const at::Tensor& key_scale, const at::Tensor& key_offset, const at::Tensor& key_book,
-           const at::Tensor& value_book, int64_t bits, int64_t block_size, at::IntArrayRef sections,
-           int64_t head_stride, int64_t key_capacity, int64_t value_outliers, bool sink) {
+           const at::Tensor& value_book, const at::Tensor& value_decode_book, int64_t value_refits, int64_t bits,
+           int64_t block_size, at::IntArrayRef sections, int64_t head_stride, int64_t key_capacity,
+           int64_t value_outliers, bool sink) {
   TORCH_CHECK(key.dim() == 3 && key.is_contiguous() && key.scalar_type() == at::kFloat && value.sizes() == key.sizes() &&
                   value.is_contiguous() && value.scalar_type() == at::kFloat,
               "kvquant CPU store: key and value must be contiguous float32 [tokens, kv heads, D] of one shape");
@@ -319,8 +401,11 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
   TORCH_CHECK(key_book.sizes() == at::IntArrayRef({heads, d, num_codes}) && key_book.is_contiguous() &&
                   key_book.scalar_type() == at::kFloat,
               "kvquant CPU store: key_book must be contiguous float32 [", heads, ", ", d, ", ", num_codes, "]");
-  TORCH_CHECK(value_book.numel() == num_codes && value_book.is_contiguous() && value_book.scalar_type() == at::kFloat,
-              "kvquant CPU store: value_book must be float32 [", num_codes, "]");
+  for (const at::Tensor* t : {&value_book, &value_decode_book}) {
+    TORCH_CHECK(t->numel() == num_codes && t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "kvquant CPU store: value_book and value_decode_book must be float32 [", num_codes, "]");
+  }
+  TORCH_CHECK(value_refits >= 0, "kvquant CPU store: value_refits must be >= 0");
   TORCH_CHECK(pages.dim() == 2 && pages.scalar_type() == at::kByte && pages.stride(1) == 1 &&
                   pages.size(1) >= heads * head_stride,
               "kvquant CPU store: pages must be uint8 [num_blocks, page bytes] with rows contiguous");
@@ -328,8 +413,9 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
               " section offsets");
   const StoreLayout lay{static_cast<int>(bits), static_cast<int>(block_size), static_cast<int>(d),
                         static_cast<int>(heads), static_cast<int>(key_capacity), static_cast<int>(value_outliers),
-                        head_stride, sections[0], sections[1], sections[2], sections[3], sections[4], sections[5],
-                        sections[6], sections[7], sections[8], sections[9], sink};
+                        static_cast<int>(value_refits), head_stride, sections[0], sections[1], sections[2],
+                        sections[3], sections[4], sections[5], sections[6], sections[7], sections[8], sections[9],
+                        sink};
 
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -345,7 +431,10 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
   std::vector<float> value_mid(static_cast<size_t>((num_codes - 1) * d));
   const float* key_books = key_book.data_ptr<float>();
   const float* value_books = value_book.data_ptr<float>();
+  const float* value_decode = value_decode_book.data_ptr<float>();
+  std::vector<float> value_decode_mid(static_cast<size_t>(num_codes - 1));
   for (int64_t i = 0; i + 1 < num_codes; ++i) {
+    value_decode_mid[i] = (value_decode[i + 1] + value_decode[i]) / 2;
     for (int64_t c = 0; c < channels; ++c) {
       key_mid[i * channels + c] = (key_books[c * num_codes + i + 1] + key_books[c * num_codes + i]) / 2;
     }
@@ -371,7 +460,7 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
                   value.data_ptr<float>() + t * heads * d, cos.data_ptr<float>() + t * cos.stride(0),
                   sin.data_ptr<float>() + t * sin.stride(0), static_cast<float>(inverse_gain),
                   key_scale.data_ptr<float>(), key_offset.data_ptr<float>(), key_mid.data(), value_mid.data(),
-                  medians.data() + t * heads, t, found[t]);
+                  value_decode, value_decode_mid.data(), medians.data() + t * heads, t, found[t]);
     }
   });
   if (key_capacity == 0) return;
@@ -422,8 +511,9 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
 TORCH_LIBRARY_FRAGMENT(kvquant_cpu, m) {
   m.def(
       "store(Tensor(a!) pages, Tensor key, Tensor value, Tensor slots, Tensor positions, Tensor cos, Tensor sin, "
-      "float inverse_gain, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, int bits, "
-      "int block_size, int[] sections, int head_stride, int key_capacity, int value_outliers, bool sink) -> ()");
+      "float inverse_gain, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, "
+      "Tensor value_decode_book, int value_refits, int bits, int block_size, int[] sections, int head_stride, "
+      "int key_capacity, int value_outliers, bool sink) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvquant_cpu, CPU, m) { m.impl("store", &store); }

@@ -129,7 +129,8 @@ def store_tokens(
         pages, key.float().contiguous(), value.float().contiguous(), slots.long().contiguous(),
         positions.long().contiguous(), cos.float(), sin.float(), float(inverse_gain),
         store.key_scale.float().contiguous(), store.key_offset.float().contiguous(),
-        store.key_books[0].float().contiguous(), store.value_books[0].float().contiguous(), lay.bits, lay.block_size,
+        store.key_books[0].float().contiguous(), store.value_books[0].float().contiguous(),
+        store.value_books[1].float().contiguous(), store.value_refits, lay.bits, lay.block_size,
         _section_offsets(lay), lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink,
     )
 

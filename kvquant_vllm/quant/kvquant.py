@@ -3,6 +3,8 @@
 - Keys per channel with calibrated (scale, offset), quantized **before RoPE** by default.
 - Values per token and kv head, (scale, offset) from the token's inliers, computed online, in a fixed
   rotated basis by default (:mod:`kvquant_vllm.quant.rotation`), where they need no outliers.
+- Values' fp16 scale and offset refitted by least squares to the codes they get (:func:`refit_per_vector`),
+  so a vector's codes and its line through the codebook match each other rather than its two extremes.
 - Non-uniform codebooks, in the normalised space [-1, 1], learned offline by Fisher-weighted k-means:
   for keys one per channel by default (the calibrated scale and offset already make the key tables per
   channel; the paper's is one per layer), for values one per layer.
@@ -38,6 +40,8 @@ DEFAULT_BLOCK_SIZE = 256
 # benchmarks/results/quality-kvquant.md): headroom in the page lists pays at 3 and 4 bits; at 2 bits the wider
 # dense range that it costs weighs more than the clamped outliers it saves.
 KEY_THRESHOLD_SHARE = {2: 1.0, 3: 0.75, 4: 0.75}
+# Least-squares refits of a value vector's scale and offset (refit_per_vector) at 3 and 4 bits.
+VALUE_REFITS = 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class KVQuantOptions:
     nonuniform: bool = True
     qnorm: bool = False
     sink_tokens: int = 1
+    value_refits: int = VALUE_REFITS  # rounds of refit_per_vector for values; 0: scale and offset from the range
     # Key outlier lists are per page of this many tokens, with a fixed capacity; None: unbounded lists.
     block_size: int | None = DEFAULT_BLOCK_SIZE
 
@@ -224,6 +229,77 @@ def normalize_per_vector(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return (x - offset.float()) / scale.float(), mask, scale, offset
 
 
+# The refit's sums are of fixed-point integers (float32 numbers times a power of two, truncated towards zero):
+# integer addition is associative, so every store (torch, Triton, C++) gets the same sums in any order, and so
+# makes the same choices. Normalised values and codebook entries are clamped to +-FIT_LIMIT (an inlier of the
+# range fit lies in [-1, 1]), squared errors in units of the range scale to ERROR_LIMIT; the products and sums of
+# up to 256 of them stay far inside int64.
+FIT_LIMIT, FIT_ONE = 4.0, 2.0**20
+ERROR_LIMIT, ERROR_ONE = 2.0**20, 2.0**24
+
+
+def to_fixed(x: torch.Tensor, limit: float, one: float) -> torch.Tensor:
+    """x float32 clamped to [-limit, limit] (NaN to limit) -> int64 x * one, truncated towards zero."""
+    x = torch.where(x < limit, x, limit)
+    return (torch.where(x > -limit, x, -limit) * one).long()
+
+
+def inlier_error(x: torch.Tensor, outlier: torch.Tensor, codes: torch.Tensor, book: torch.Tensor,
+                 scale: torch.Tensor, offset: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Squared error of the inliers of x [..., D] float32 decoded as book[codes] * scale + offset, in units of
+    ``unit`` squared (scale, offset, unit [..., 1] float32), fixed-point: [..., 1] int64."""
+    error = (x - (book[codes.long()] * scale + offset)) / unit
+    square = error * error
+    square = torch.where(square < ERROR_LIMIT, square, ERROR_LIMIT)  # NaN too
+    return torch.where(outlier, 0, (square * ERROR_ONE).long()).sum(-1, keepdim=True)
+
+
+def refit_per_vector(
+    x: torch.Tensor, outlier: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor,
+    book: torch.Tensor, rounds: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares scale and offset of per-vector codes (from :func:`normalize_per_vector`).
+
+    The range of a vector's inliers maps its two extremes onto the codebook's ends, which is seldom the line
+    through the codebook that fits its codes best. Each round fits the line xn = a * book[codes] + c to the
+    inliers normalised by the range fit (xn = (x - offset) / scale), stores scale * a in fp16 and then the offset
+    that is best for that fp16 scale, and recodes the vector to the nearest entries of ``book`` under them. The
+    lowest inlier squared error of the range fit and the rounds is kept, so a vector is never worse off. The
+    sums are fixed-point integers (``FIT_ONE``, ``ERROR_ONE``).
+
+    x: [..., D] float32; outlier: [..., D] bool (kept exactly, out of the fit); scale, offset: [..., 1] fp16;
+    codes: [..., D] uint8; book: [2**bits] float32, the decode codebook. Returns (codes, scale, offset) as given.
+    """
+    inlier = ~outlier
+    range_scale, range_offset = scale, offset
+    s0, o0 = scale.float(), offset.float()
+    fixed_x = torch.where(inlier, to_fixed((x - o0) / s0, FIT_LIMIT, FIT_ONE), 0)
+    count = inlier.sum(-1, keepdim=True)
+    sum_x = fixed_x.sum(-1, keepdim=True)
+    best = inlier_error(x, outlier, codes, book, s0, o0, s0)
+    current = codes
+    for _ in range(rounds):
+        fixed_b = torch.where(inlier, to_fixed(book[current.long()], FIT_LIMIT, FIT_ONE), 0)
+        sum_b = fixed_b.sum(-1, keepdim=True)
+        variance = count * (fixed_b * fixed_b).sum(-1, keepdim=True) - sum_b * sum_b  # count^2 FIT_ONE^2 var(b)
+        covariance = count * (fixed_b * fixed_x).sum(-1, keepdim=True) - sum_b * sum_x
+        fit_scale = (s0 * (covariance.float() / variance.float())).half()
+        s = fit_scale.float()
+        # The best offset for the fp16 scale: the mean of xn less (s / s0) times the mean of book[codes].
+        fit_offset = (o0 + s0 * ((sum_x.float() - s / s0 * sum_b.float()) / (count.float() * FIT_ONE))).half()
+        o = fit_offset.float()
+        fits = (variance > 0) & (s > 0) & (s < math.inf) & (o.abs() < math.inf)
+        fit_scale, fit_offset = torch.where(fits, fit_scale, range_scale), torch.where(fits, fit_offset, range_offset)
+        s, o = fit_scale.float(), fit_offset.float()
+        current = nearest_code((x - o) / s, book)
+        error = inlier_error(x, outlier, current, book, s, o, s0)
+        better = error < best
+        codes = torch.where(better, current, codes)
+        scale, offset = torch.where(better, fit_scale, scale), torch.where(better, fit_offset, offset)
+        best = torch.where(better, error, best)
+    return codes, scale, offset
+
+
 def normalize_per_channel(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, outliers: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,8 +376,12 @@ class KVQuantCodec(KVCodec):
             scale = offset = None
         else:
             xn, mask, scale, offset = normalize_per_vector(x, self._vector_outliers(kind, x.shape[-1]))
-        encode_book, _ = self.codebooks(kind, layer)
-        codes = pack_codes(nearest_code(xn.clamp(-1, 1), encode_book), self.bits)
+        encode_book, decode_book = self.codebooks(kind, layer)
+        codes = nearest_code(xn.clamp(-1, 1), encode_book)
+        if kind == "value" and self.options.value_refits:
+            codes, scale, offset = refit_per_vector(x, mask, scale, offset, codes, decode_book,
+                                                    self.options.value_refits)
+        codes = pack_codes(codes, self.bits)
         mask[: self.options.sink_tokens] = False  # the sink holds those tokens exactly
         flat = mask.reshape(-1).nonzero().squeeze(-1)  # (token, head, channel) order
         if self._per_channel(kind) and self.options.block_size:
@@ -354,7 +434,9 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
     methods = {
         "kvquant4": KVQuantOptions(CalibrationSpec(4)),
         "kvquant3": KVQuantOptions(CalibrationSpec(3)),
-        "kvquant2": KVQuantOptions(CalibrationSpec(2), qnorm=True),
+        # No refit at 2 bits: least squares shrinks the decoded values' spread, which Q-Norm is there to keep
+        # (quality-kvquant.md).
+        "kvquant2": KVQuantOptions(CalibrationSpec(2), qnorm=True, value_refits=0),
     }
     k3, k2 = methods["kvquant3"], methods["kvquant2"]
     methods.update(
@@ -376,6 +458,7 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
             "kvquant3-nosink": replace(k3, sink_tokens=0),
             "kvquant3-unbounded": replace(k3, block_size=None),
             "kvquant3-qnorm": replace(k3, qnorm=True),
+            "kvquant3-norefit": replace(k3, value_refits=0),
             "kvquant2-noqnorm": replace(k2, qnorm=False),
         }
     )

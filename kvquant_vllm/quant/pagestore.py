@@ -22,6 +22,7 @@ from kvquant_vllm.quant.kvquant import (
     kvquant_methods,
     normalize_per_channel,
     normalize_per_vector,
+    refit_per_vector,
 )
 from kvquant_vllm.quant.packing import pack_code_planes, unpack_code_planes
 from kvquant_vllm.quant.paged import PageLayout
@@ -44,6 +45,7 @@ class PagedKVQuant:
         self.key_books = tuple(b.expand(geo.num_kv_heads, geo.head_dim, -1).contiguous()
                                for b in codec.codebooks("key", layer))
         self.value_books = codec.codebooks("value", layer)  # (encode, decode) [2**bits] float32
+        self.value_refits = options.value_refits
         # [D, D] float32, or None: values stored as they are
         self.value_rotation = value_rotation(geo.head_dim) if options.spec.value_rotation else None
 
@@ -88,7 +90,11 @@ class PagedKVQuant:
         kn, kmask = normalize_per_channel(key, self.key_scale, self.key_offset, lay.outlier_fraction > 0)
         put("key_codes", pack_code_planes(nearest_code(kn.clamp(-1, 1), self.key_books[0]), lay.bits))
         vn, vmask, vscale, voffset = normalize_per_vector(value, lay.value_outliers_per_vector)
-        put("value_codes", pack_code_planes(nearest_code(vn.clamp(-1, 1), self.value_books[0]), lay.bits))
+        vcodes = nearest_code(vn.clamp(-1, 1), self.value_books[0])
+        if self.value_refits:
+            vcodes, vscale, voffset = refit_per_vector(value, vmask, vscale, voffset, vcodes, self.value_books[1],
+                                                       self.value_refits)
+        put("value_codes", pack_code_planes(vcodes, lay.bits))
         put("value_scale", vscale.squeeze(-1))
         put("value_offset", voffset.squeeze(-1))
         if lay.value_outliers_per_vector:
