@@ -300,6 +300,21 @@ def refit_per_vector(
     return codes, scale, offset
 
 
+def code_per_vector(
+    x: torch.Tensor, k: int, encode_book: torch.Tensor, decode_book: torch.Tensor, refits: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-vector codes of x [..., D]: normalised around its inliers' range (:func:`normalize_per_vector`, k
+    outliers), the nearest entries of ``encode_book``, then ``refits`` rounds of :func:`refit_per_vector` against
+    ``decode_book`` (books [2**bits] float32). Returns codes [..., D] uint8, the outlier mask [..., D] bool, and
+    the fp16 scale and offset [..., 1]."""
+    x = x.float()
+    xn, mask, scale, offset = normalize_per_vector(x, k)
+    codes = nearest_code(xn.clamp(-1, 1), encode_book)
+    if refits:
+        codes, scale, offset = refit_per_vector(x, mask, scale, offset, codes, decode_book, refits)
+    return codes, mask, scale, offset
+
+
 def normalize_per_channel(
     x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, outliers: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,17 +385,16 @@ class KVQuantCodec(KVCodec):
             x = apply_rope(x, *self._rope(x.shape[0]))
         if self._rotated(kind):
             x = x @ value_rotation(x.shape[-1])
+        encode_book, decode_book = self.codebooks(kind, layer)
         if self._per_channel(kind):
             cal = self.calibration.layers[layer]
             xn, mask = normalize_per_channel(x, cal.key_scale, cal.key_offset, spec.outlier_fraction > 0)
+            codes = nearest_code(xn.clamp(-1, 1), encode_book)
             scale = offset = None
         else:
-            xn, mask, scale, offset = normalize_per_vector(x, self._vector_outliers(kind, x.shape[-1]))
-        encode_book, decode_book = self.codebooks(kind, layer)
-        codes = nearest_code(xn.clamp(-1, 1), encode_book)
-        if kind == "value" and self.options.value_refits:
-            codes, scale, offset = refit_per_vector(x, mask, scale, offset, codes, decode_book,
-                                                    self.options.value_refits)
+            refits = self.options.value_refits if kind == "value" else 0
+            codes, mask, scale, offset = code_per_vector(x, self._vector_outliers(kind, x.shape[-1]), encode_book,
+                                                         decode_book, refits)
         codes = pack_codes(codes, self.bits)
         mask[: self.options.sink_tokens] = False  # the sink holds those tokens exactly
         flat = mask.reshape(-1).nonzero().squeeze(-1)  # (token, head, channel) order

@@ -18,11 +18,10 @@ from kvquant_vllm.quant.codebook import lookup, nearest_code
 from kvquant_vllm.quant.kvquant import (
     KVQuantCalibration,
     KVQuantCodec,
+    code_per_vector,
     first_come_ranks,
     kvquant_methods,
     normalize_per_channel,
-    normalize_per_vector,
-    refit_per_vector,
 )
 from kvquant_vllm.quant.packing import pack_code_planes, unpack_code_planes
 from kvquant_vllm.quant.paged import PageLayout
@@ -89,11 +88,8 @@ class PagedKVQuant:
 
         kn, kmask = normalize_per_channel(key, self.key_scale, self.key_offset, lay.outlier_fraction > 0)
         put("key_codes", pack_code_planes(nearest_code(kn.clamp(-1, 1), self.key_books[0]), lay.bits))
-        vn, vmask, vscale, voffset = normalize_per_vector(value, lay.value_outliers_per_vector)
-        vcodes = nearest_code(vn.clamp(-1, 1), self.value_books[0])
-        if self.value_refits:
-            vcodes, vscale, voffset = refit_per_vector(value, vmask, vscale, voffset, vcodes, self.value_books[1],
-                                                       self.value_refits)
+        vcodes, vmask, vscale, voffset = code_per_vector(value, lay.value_outliers_per_vector, *self.value_books,
+                                                         self.value_refits)
         put("value_codes", pack_code_planes(vcodes, lay.bits))
         put("value_scale", vscale.squeeze(-1))
         put("value_offset", voffset.squeeze(-1))
