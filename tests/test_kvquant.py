@@ -157,14 +157,53 @@ def test_value_refit_is_the_least_squares_line_of_the_codes(rng):
     assert after.sum() < 0.95 * before.sum()
 
 
+def test_value_refit_matching_moments_keeps_the_mean_and_spread(rng):
+    """One round against a float64 reference: where a vector takes the refit, its fp16 scale is the ratio of its
+    inliers' standard deviation to that of the decode book at the range fit's codes (within fp16 rounding), its
+    offset matches their means, and its codes are the nearest entries under them. The decoded inliers keep the
+    vectors' spread, which least squares shrinks."""
+    x = torch.randn(400, 2, 64, generator=rng) * (0.2 + 3 * torch.rand(400, 2, 1, generator=rng)) \
+        + torch.randn(400, 2, 1, generator=rng)
+    book = torch.tensor([-1.0, -0.62, -0.33, -0.1, 0.08, 0.3, 0.58, 1.0])
+    xn, outlier, scale, offset = normalize_per_vector(x, 1)
+    codes = nearest_code(xn.clamp(-1, 1), book)
+    new_codes, new_scale, new_offset = refit_per_vector(x, outlier, scale, offset, codes, book, 1, match_moments=True)
+
+    inlier = (~outlier).double()
+    n = inlier.sum(-1, keepdim=True)
+
+    def mean_std(y):
+        mean = (y * inlier).sum(-1, keepdim=True) / n
+        return mean, (((y - mean) ** 2 * inlier).sum(-1, keepdim=True) / n).sqrt()
+
+    (mean_b, std_b), (mean_x, std_x) = mean_std(book.double()[codes.long()]), mean_std(x.double())
+    taken = ((new_scale != scale) | (new_offset != offset)).squeeze(-1)
+    assert taken.float().mean() > 0.9
+    step = 2.0 ** -10  # fp16's relative spacing
+    assert ((new_scale.double() - std_x / std_b).abs() <= step * std_x / std_b)[taken].all()
+    line_offset = mean_x - new_scale.double() * mean_b
+    assert ((new_offset.double() - line_offset).abs() <= step * line_offset.abs() + 1e-5 * scale.double())[taken].all()
+    recoded = (((x.double() - new_offset.double()) / new_scale.double())[..., None] - book.double()).abs().argmin(-1)
+    assert (recoded != new_codes.long())[taken].float().mean() < 1e-3
+
+    def spread_ratio(c, s, o):  # decoded inliers' std over x's, per vector
+        return mean_std(book.double()[c.long()] * s.double() + o.double())[1] / std_x
+
+    fitted = spread_ratio(*refit_per_vector(x, outlier, scale, offset, codes, book, 2, match_moments=True))
+    least_squares = spread_ratio(*refit_per_vector(x, outlier, scale, offset, codes, book, 2))
+    assert (fitted - 1).abs().mean() < min(0.01, 0.7 * (least_squares - 1).abs().mean())
+
+
 def test_value_refit_rounds_lower_the_codec_error(rng):
-    """kvquant3's values with 0, 1 and 2 rounds: each round lowers the total error of the decoded values."""
+    """kvquant3's values with 0, 1 and 2 rounds of least squares: each round lowers the total error of the decoded
+    values."""
     spec = CalibrationSpec(3)
     cal = _calibration(spec, rng)
     x = torch.randn(300, H, D, generator=rng) * 2 + 0.5
     errors = []
     for rounds in (0, 1, 2):
-        codec = KVQuantCodec("kvquant3", KVQuantOptions(spec, sink_tokens=0, value_refits=rounds), cal)
+        options = KVQuantOptions(spec, sink_tokens=0, value_refits=rounds, value_fit="least-squares")
+        codec = KVQuantCodec("kvquant3", options, cal)
         errors.append(float((codec.decode(codec.encode(x, "value", 0)) - x).double().pow(2).sum()))
     assert errors[2] < errors[1] < 0.95 * errors[0]
 

@@ -2,7 +2,8 @@
 // PagedKVQuant.store (kvquant_vllm/quant/pagestore.py) operation for operation, so it writes the same bytes:
 // inverse RoPE, keys normalised per channel (calibrated) and values per token after taking out their top-k
 // outliers (distance from the vector's median; ties go to the lower channel, as the Triton store), nearest codebook
-// entries, the values' scales and offsets refitted by least squares (fixed-point sums, exact in any order), codes
+// entries, the values' scales and offsets refitted by least squares or moment matching (fixed-point sums, exact in
+// any order), codes
 // packed in bit planes, fp16 scales and outliers, the sink at position 0, and each head's key outlier
 // list extended first come, first kept.
 //
@@ -73,6 +74,7 @@ float half_to_float(uint16_t h) {
 
 struct StoreLayout {
   int bits, block_size, d, num_kv_heads, key_capacity, value_outliers, value_refits;
+  bool match_moments;
   int64_t head_stride;
   int64_t key_codes, value_codes, value_scale, value_offset, value_out_val, value_out_idx, key_out_val, key_out_pos,
       key_out_count, sink;  // PageLayout.sections() offsets
@@ -209,23 +211,27 @@ int64_t inlier_error(const float* v, const uint8_t* flag, const uint8_t* codes, 
   return sum;
 }
 
-// kvquant.refit_per_vector for one value vector v [d] with its outlier flags: least-squares lines of the inliers,
-// normalised by the range fit (normalised [d]), against the decode book at their codes; the codes, scale and
-// offset of the lowest inlier squared error are kept. book: the decode book [2**bits]; midpoints: its [2**bits - 1].
-void refit_values(int bits, int rounds, const float* v, const uint8_t* flag, const float* normalised, const float* book,
-                  const float* midpoints, int d, uint8_t* codes, uint16_t& scale16, uint16_t& offset16) {
+// kvquant.refit_per_vector for one value vector v [d] with its outlier flags: lines of the inliers, normalised by
+// the range fit (normalised [d]), against the decode book at their codes; least squares keeps the codes, scale and
+// offset of the lowest inlier squared error, match_moments (slope std(xn) / std(b)) those of the last round that
+// fits. book: the decode book [2**bits]; midpoints: its [2**bits - 1].
+void refit_values(int bits, int rounds, bool match_moments, const float* v, const uint8_t* flag,
+                  const float* normalised, const float* book, const float* midpoints, int d, uint8_t* codes,
+                  uint16_t& scale16, uint16_t& offset16) {
   constexpr float INF = std::numeric_limits<float>::infinity();
   const uint16_t range_scale = scale16, range_offset = offset16;
   const float s0 = half_to_float(range_scale), o0 = half_to_float(range_offset);
-  int64_t fixed_x[MAX_D], fixed_b[MAX_D], count = 0, sum_x = 0;
+  int64_t fixed_x[MAX_D], fixed_b[MAX_D], count = 0, sum_x = 0, sum_xx = 0;
   float recoded[MAX_D];
   uint8_t current[MAX_D];
   for (int c = 0; c < d; ++c) {
     fixed_x[c] = flag[c] ? 0 : to_fixed(normalised[c], FIT_LIMIT, FIT_ONE);
     count += flag[c] ? 0 : 1;
     sum_x += fixed_x[c];
+    sum_xx += fixed_x[c] * fixed_x[c];
   }
-  int64_t best = inlier_error(v, flag, codes, book, s0, o0, s0, d);
+  const int64_t spread_x = count * sum_xx - sum_x * sum_x;
+  int64_t best = match_moments ? 0 : inlier_error(v, flag, codes, book, s0, o0, s0, d);
   std::copy(codes, codes + d, current);
   for (int round = 0; round < rounds; ++round) {
     int64_t sum_b = 0, sum_bb = 0, sum_bx = 0;
@@ -236,14 +242,17 @@ void refit_values(int bits, int rounds, const float* v, const uint8_t* flag, con
       sum_bx += fixed_b[c] * fixed_x[c];
     }
     const int64_t variance = count * sum_bb - sum_b * sum_b, covariance = count * sum_bx - sum_b * sum_x;
-    uint16_t fit_scale = float_to_half(s0 * (static_cast<float>(covariance) / static_cast<float>(variance)));
+    const float slope = match_moments ? std::sqrt(static_cast<float>(spread_x) / static_cast<float>(variance))
+                                      : static_cast<float>(covariance) / static_cast<float>(variance);
+    uint16_t fit_scale = float_to_half(s0 * slope);
     float s = half_to_float(fit_scale);
     // The best offset for the fp16 scale (kvquant.refit_per_vector's expression, operation for operation).
     const float mean = (static_cast<float>(sum_x) - s / s0 * static_cast<float>(sum_b)) /
                        (static_cast<float>(count) * FIT_ONE);
     uint16_t fit_offset = float_to_half(o0 + s0 * mean);
     float o = half_to_float(fit_offset);
-    if (!(variance > 0 && s > 0.0f && s < INF && std::fabs(o) < INF)) {
+    const bool fits = variance > 0 && s > 0.0f && s < INF && std::fabs(o) < INF;
+    if (!fits) {
       fit_scale = range_scale, fit_offset = range_offset, s = s0, o = o0;
     }
     for (int c = 0; c < d; ++c) {
@@ -253,8 +262,8 @@ void refit_values(int bits, int rounds, const float* v, const uint8_t* flag, con
     for (int i = 0; i < (1 << bits) - 1; ++i) {
       for (int c = 0; c < d; ++c) current[c] += recoded[c] > midpoints[i];
     }
-    const int64_t error = inlier_error(v, flag, current, book, s, o, s0, d);
-    if (error < best) {
+    const int64_t error = match_moments ? 0 : inlier_error(v, flag, current, book, s, o, s0, d);
+    if (match_moments ? fits : error < best) {
       std::copy(current, current + d, codes);
       scale16 = fit_scale, offset16 = fit_offset, best = error;
     }
@@ -343,8 +352,8 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
     for (int c = 0; c < d; ++c) normalised[c] = (v[c] - value_offset) / value_scale;
     channel_codes_of(lay.bits, normalised, d, value_mid, d, codes);
     if (lay.value_refits > 0) {
-      refit_values(lay.bits, lay.value_refits, v, flag, normalised, value_book, value_book_mid, d, codes, scale16,
-                   offset16);
+      refit_values(lay.bits, lay.value_refits, lay.match_moments, v, flag, normalised, value_book, value_book_mid, d,
+                   codes, scale16, offset16);
     }
     for (int c = 0; c < d; ++c) {
       if (flag[c]) {  // in channel order, as the stored index list is
@@ -370,11 +379,12 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
 // slots, positions [T] int64 (slot = block * block_size + offset, negative = padding); cos, sin [T, D] float32
 // (the model's scaled RoPE at the positions); key_scale, key_offset [H, D]; key_book [H, D, 2**bits] (a book per
 // channel), value_book [2**bits] float32, the encode codebooks (sorted); value_decode_book [2**bits] float32, the
-// values' decode book, which value_refits rounds of least squares fit their scales and offsets against.
+// values' decode book, which value_refits rounds of least squares (or, match_moments, of moment matching) fit their
+// scales and offsets against.
 void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
            const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, double inverse_gain,
            const at::Tensor& key_scale, const at::Tensor& key_offset, const at::Tensor& key_book,
-           const at::Tensor& value_book, const at::Tensor& value_decode_book, int64_t value_refits, int64_t bits,
+           const at::Tensor& value_book, const at::Tensor& value_decode_book, int64_t value_refits, bool match_moments, int64_t bits,
            int64_t block_size, at::IntArrayRef sections, int64_t head_stride, int64_t key_capacity,
            int64_t value_outliers, bool sink) {
   TORCH_CHECK(key.dim() == 3 && key.is_contiguous() && key.scalar_type() == at::kFloat && value.sizes() == key.sizes() &&
@@ -413,7 +423,7 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
               " section offsets");
   const StoreLayout lay{static_cast<int>(bits), static_cast<int>(block_size), static_cast<int>(d),
                         static_cast<int>(heads), static_cast<int>(key_capacity), static_cast<int>(value_outliers),
-                        static_cast<int>(value_refits), head_stride, sections[0], sections[1], sections[2],
+                        static_cast<int>(value_refits), match_moments, head_stride, sections[0], sections[1], sections[2],
                         sections[3], sections[4], sections[5], sections[6], sections[7], sections[8], sections[9],
                         sink};
 
@@ -512,7 +522,7 @@ TORCH_LIBRARY_FRAGMENT(kvquant_cpu, m) {
   m.def(
       "store(Tensor(a!) pages, Tensor key, Tensor value, Tensor slots, Tensor positions, Tensor cos, Tensor sin, "
       "float inverse_gain, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, "
-      "Tensor value_decode_book, int value_refits, int bits, int block_size, int[] sections, int head_stride, "
+      "Tensor value_decode_book, int value_refits, bool match_moments, int bits, int block_size, int[] sections, int head_stride, "
       "int key_capacity, int value_outliers, bool sink) -> ()");
 }
 

@@ -130,7 +130,7 @@ def store_tokens(
         positions.long().contiguous(), cos.float(), sin.float(), float(inverse_gain),
         store.key_scale.float().contiguous(), store.key_offset.float().contiguous(),
         store.key_books[0].float().contiguous(), store.value_books[0].float().contiguous(),
-        store.value_books[1].float().contiguous(), store.value_refits, lay.bits, lay.block_size,
+        store.value_books[1].float().contiguous(), store.value_refits, store.match_moments, lay.bits, lay.block_size,
         _section_offsets(lay), lay.head_stride, lay.key_outlier_capacity, lay.value_outliers_per_vector, store.sink,
     )
 

@@ -3,7 +3,7 @@
 ``_store_kernel``, one program per token (all its kv heads): undo RoPE (cos and sin of the token's position
 given), normalise the keys per channel (calibrated) and the values per token after taking out their top-k
 outliers (distance from the vector's median), find the nearest codebook entries, refit the values' scales and
-offsets by least squares (fixed-point sums, exact in any order), pack the codes and write each
+offsets (least squares or moment matching; fixed-point sums, exact in any order), pack the codes and write each
 head's segment of the page, the sink too at position 0. It also counts the token's key outliers per head and,
 for each head's list, the entries of earlier tokens that stay (those a previous occupant left at this offset or
 later go).
@@ -64,25 +64,33 @@ def _inlier_error(value, outlier, codes, book_ptr, scale, offset, unit):
 
 @triton.jit
 def _refit_values(value, outlier, vn, codes, v_scale, v_offset, book_ptr, NUM_CODES: tl.constexpr,
-                  ROUNDS: tl.constexpr):
+                  ROUNDS: tl.constexpr, MATCH_MOMENTS: tl.constexpr):
     """quant.kvquant.refit_per_vector of value rows [ROWS, WIDTH] fp32 with their outlier flags, normalised by
     the range fit (vn), codes [ROWS, WIDTH] int32 and the range fit's fp16 v_scale, v_offset [ROWS]; book_ptr: the
-    decode book. Returns (codes, v_scale, v_offset) of the lowest inlier squared error."""
+    decode book. Returns (codes, v_scale, v_offset): of the lowest inlier squared error (least squares), or of
+    the last round that fits (MATCH_MOMENTS)."""
     inlier = ~outlier
     s0, o0 = v_scale.to(tl.float32), v_offset.to(tl.float32)
     fixed_x = tl.where(inlier, _to_fixed(vn, FIT_LIMIT, FIT_ONE), 0)
     count = tl.sum(inlier.to(tl.int64), 1)
     sum_x = tl.sum(fixed_x, 1)
-    best = _inlier_error(value, outlier, codes, book_ptr, s0, o0, s0)
+    if MATCH_MOMENTS:
+        spread_x = count * tl.sum(fixed_x * fixed_x, 1) - sum_x * sum_x
+    else:
+        best = _inlier_error(value, outlier, codes, book_ptr, s0, o0, s0)
     current = codes
     scale, offset = v_scale, v_offset
     for _ in tl.static_range(ROUNDS):
         fixed_b = tl.where(inlier, _to_fixed(tl.load(book_ptr + current), FIT_LIMIT, FIT_ONE), 0)
         sum_b = tl.sum(fixed_b, 1)
         variance = count * tl.sum(fixed_b * fixed_b, 1) - sum_b * sum_b
-        covariance = count * tl.sum(fixed_b * fixed_x, 1) - sum_b * sum_x
         # Rows past the heads have no variance: divided by 1, their slope is a number (the others' is as torch's).
-        slope = tl.div_rn(covariance.to(tl.float32), tl.where(variance > 0, variance, 1).to(tl.float32))
+        divisor = tl.where(variance > 0, variance, 1).to(tl.float32)
+        if MATCH_MOMENTS:
+            slope = tl.sqrt_rn(tl.div_rn(spread_x.to(tl.float32), divisor))
+        else:
+            covariance = count * tl.sum(fixed_b * fixed_x, 1) - sum_b * sum_x
+            slope = tl.div_rn(covariance.to(tl.float32), divisor)
         fit_scale = (s0 * slope).to(tl.float16)
         s = fit_scale.to(tl.float32)
         mean = tl.div_rn(sum_x.to(tl.float32) - tl.div_rn(s, s0) * sum_b.to(tl.float32), count.to(tl.float32) * FIT_ONE)
@@ -92,11 +100,14 @@ def _refit_values(value, outlier, vn, codes, v_scale, v_offset, book_ptr, NUM_CO
         fit_scale, fit_offset = tl.where(fits, fit_scale, v_scale), tl.where(fits, fit_offset, v_offset)
         s, o = fit_scale.to(tl.float32), fit_offset.to(tl.float32)
         current = nearest_code(tl.div_rn(value - o[:, None], s[:, None]), book_ptr, NUM_CODES)
-        error = _inlier_error(value, outlier, current, book_ptr, s, o, s0)
-        better = error < best
-        codes = tl.where(better[:, None], current, codes)
-        scale, offset = tl.where(better, fit_scale, scale), tl.where(better, fit_offset, offset)
-        best = tl.where(better, error, best)
+        if MATCH_MOMENTS:
+            take = fits
+        else:
+            error = _inlier_error(value, outlier, current, book_ptr, s, o, s0)
+            take = error < best
+            best = tl.where(take, error, best)
+        codes = tl.where(take[:, None], current, codes)
+        scale, offset = tl.where(take, fit_scale, scale), tl.where(take, fit_offset, offset)
     return codes, scale, offset
 
 
@@ -109,8 +120,8 @@ def _store_kernel(
     VALUE_OUT_VAL: tl.constexpr, VALUE_OUT_IDX: tl.constexpr, KEY_OUT_VAL: tl.constexpr, KEY_OUT_POS: tl.constexpr,
     KEY_OUT_COUNT: tl.constexpr, SINK: tl.constexpr, HEAD_STRIDE: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BITS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, VALUE_OUTLIERS: tl.constexpr, VALUE_REFITS: tl.constexpr, HAS_SINK: tl.constexpr,
-    KEY_CAP: tl.constexpr, LIST_CHUNK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, VALUE_OUTLIERS: tl.constexpr, VALUE_REFITS: tl.constexpr, MATCH_MOMENTS: tl.constexpr,
+    HAS_SINK: tl.constexpr, KEY_CAP: tl.constexpr, LIST_CHUNK: tl.constexpr,
 ):
     token = tl.program_id(0)
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -175,7 +186,7 @@ def _store_kernel(
         codes = nearest_code(tl.minimum(tl.maximum(vn, -1.0), 1.0), value_book_ptr, NUM_CODES)
         if VALUE_REFITS > 0:
             codes, v_scale, v_offset = _refit_values(value, outlier, vn, codes, v_scale, v_offset,
-                                                     value_decode_book_ptr, NUM_CODES, VALUE_REFITS)
+                                                     value_decode_book_ptr, NUM_CODES, VALUE_REFITS, MATCH_MOMENTS)
         pack_store(seg + VALUE_CODES + offset * PACKED, codes, live, HEADS_PAD, HEAD_DIM, BITS)
         tl.store((seg + VALUE_SCALE).to(tl.pointer_type(tl.float16)) + offset, v_scale, mask=live)
         tl.store((seg + VALUE_OFFSET).to(tl.pointer_type(tl.float16)) + offset, v_offset, mask=live)
@@ -265,7 +276,8 @@ def store_tokens(
         value.stride(0), value.stride(1), slots, positions, cos, sin, cos.stride(0), inverse_gain,
         key_scale, key_offset, store.key_books[0].float().contiguous(), store.value_books[0].float().contiguous(),
         store.value_books[1].float().contiguous(), key_pre, num_outliers, kept, **sections, **shape, BITS=lay.bits,
-        VALUE_OUTLIERS=lay.value_outliers_per_vector, VALUE_REFITS=store.value_refits, LIST_CHUNK=LIST_CHUNK,
+        VALUE_OUTLIERS=lay.value_outliers_per_vector, VALUE_REFITS=store.value_refits,
+        MATCH_MOMENTS=store.match_moments, LIST_CHUNK=LIST_CHUNK,
         enable_fp_fusion=False,  # a fused multiply-add rounds differently from the torch store
     )
     if cap == 0:

@@ -3,8 +3,9 @@
 - Keys per channel with calibrated (scale, offset), quantized **before RoPE** by default.
 - Values per token and kv head, (scale, offset) from the token's inliers, computed online, in a fixed
   rotated basis by default (:mod:`kvquant_vllm.quant.rotation`), where they need no outliers.
-- Values' fp16 scale and offset refitted by least squares to the codes they get (:func:`refit_per_vector`),
-  so a vector's codes and its line through the codebook match each other rather than its two extremes.
+- Values' fp16 scale and offset refitted to the codes they get (:func:`refit_per_vector`), so a vector's codes
+  and its line through the codebook match each other rather than its two extremes: by least squares at 4 bits,
+  by matching the inliers' mean and spread at 3 bits.
 - Non-uniform codebooks, in the normalised space [-1, 1], learned offline by Fisher-weighted k-means:
   for keys one per channel by default (the calibrated scale and offset already make the key tables per
   channel; the paper's is one per layer), for values one per layer.
@@ -40,8 +41,11 @@ DEFAULT_BLOCK_SIZE = 256
 # benchmarks/results/quality-kvquant.md): headroom in the page lists pays at 3 and 4 bits; at 2 bits the wider
 # dense range that it costs weighs more than the clamped outliers it saves.
 KEY_THRESHOLD_SHARE = {2: 1.0, 3: 0.75, 4: 0.75}
-# Least-squares refits of a value vector's scale and offset (refit_per_vector) at 3 and 4 bits.
+# Refits of a value vector's scale and offset (refit_per_vector) at 3 and 4 bits, and what each fits, by code
+# width (perplexity on held-out text in benchmarks/results/quality-kvquant.md): least squares shrinks the decoded
+# spread towards the mean, which costs more than its lower squared error gains at 3 bits, less at 4.
 VALUE_REFITS = 2
+VALUE_FIT: dict[int, Literal["least-squares", "moments"]] = {3: "moments", 4: "least-squares"}
 
 
 @dataclass(frozen=True)
@@ -113,8 +117,18 @@ class KVQuantOptions:
     qnorm: bool = False
     sink_tokens: int = 1
     value_refits: int = VALUE_REFITS  # rounds of refit_per_vector for values; 0: scale and offset from the range
+    value_fit: Literal["least-squares", "moments"] | None = None  # what the refits fit; None: VALUE_FIT's
     # Key outlier lists are per page of this many tokens, with a fixed capacity; None: unbounded lists.
     block_size: int | None = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        if self.value_fit is None:
+            object.__setattr__(self, "value_fit", VALUE_FIT.get(self.spec.bits, "least-squares"))
+
+    @property
+    def match_moments(self) -> bool:
+        """Whether the value refits match the inliers' mean and spread (else they fit least squares)."""
+        return self.value_fit == "moments"
 
 
 @dataclass
@@ -256,16 +270,18 @@ def inlier_error(x: torch.Tensor, outlier: torch.Tensor, codes: torch.Tensor, bo
 
 def refit_per_vector(
     x: torch.Tensor, outlier: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, codes: torch.Tensor,
-    book: torch.Tensor, rounds: int,
+    book: torch.Tensor, rounds: int, match_moments: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Least-squares scale and offset of per-vector codes (from :func:`normalize_per_vector`).
+    """A scale and offset of per-vector codes (from :func:`normalize_per_vector`) fitted to the codes.
 
     The range of a vector's inliers maps its two extremes onto the codebook's ends, which is seldom the line
-    through the codebook that fits its codes best. Each round fits the line xn = a * book[codes] + c to the
-    inliers normalised by the range fit (xn = (x - offset) / scale), stores scale * a in fp16 and then the offset
-    that is best for that fp16 scale, and recodes the vector to the nearest entries of ``book`` under them. The
-    lowest inlier squared error of the range fit and the rounds is kept, so a vector is never worse off. The
-    sums are fixed-point integers (``FIT_ONE``, ``ERROR_ONE``).
+    through the codebook that fits its codes best. Each round fits a line xn = a * book[codes] + c to the inliers
+    normalised by the range fit (xn = (x - offset) / scale), stores scale * a in fp16 and then the offset that
+    is best for that fp16 scale (it matches the means), and recodes the vector to the nearest entries of ``book``
+    under them. Least squares (a = cov(xn, b) / var(b)) keeps the lowest inlier squared error of the range fit
+    and the rounds, so a vector is never worse off by that measure; ``match_moments`` (a = std(xn) / std(b), the
+    decoded inliers keep the spread that least squares shrinks) keeps the last round that fits. The sums are
+    fixed-point integers (``FIT_ONE``, ``ERROR_ONE``).
 
     x: [..., D] float32; outlier: [..., D] bool (kept exactly, out of the fit); scale, offset: [..., 1] fp16;
     codes: [..., D] uint8; book: [2**bits] float32, the decode codebook. Returns (codes, scale, offset) as given.
@@ -276,14 +292,19 @@ def refit_per_vector(
     fixed_x = torch.where(inlier, to_fixed((x - o0) / s0, FIT_LIMIT, FIT_ONE), 0)
     count = inlier.sum(-1, keepdim=True)
     sum_x = fixed_x.sum(-1, keepdim=True)
+    spread_x = count * (fixed_x * fixed_x).sum(-1, keepdim=True) - sum_x * sum_x  # count^2 FIT_ONE^2 var(xn)
     best = inlier_error(x, outlier, codes, book, s0, o0, s0)
     current = codes
     for _ in range(rounds):
         fixed_b = torch.where(inlier, to_fixed(book[current.long()], FIT_LIMIT, FIT_ONE), 0)
         sum_b = fixed_b.sum(-1, keepdim=True)
         variance = count * (fixed_b * fixed_b).sum(-1, keepdim=True) - sum_b * sum_b  # count^2 FIT_ONE^2 var(b)
-        covariance = count * (fixed_b * fixed_x).sum(-1, keepdim=True) - sum_b * sum_x
-        fit_scale = (s0 * (covariance.float() / variance.float())).half()
+        if match_moments:
+            slope = torch.sqrt(spread_x.float() / variance.float())
+        else:
+            covariance = count * (fixed_b * fixed_x).sum(-1, keepdim=True) - sum_b * sum_x
+            slope = covariance.float() / variance.float()
+        fit_scale = (s0 * slope).half()
         s = fit_scale.float()
         # The best offset for the fp16 scale: the mean of xn less (s / s0) times the mean of book[codes].
         fit_offset = (o0 + s0 * ((sum_x.float() - s / s0 * sum_b.float()) / (count.float() * FIT_ONE))).half()
@@ -292,26 +313,30 @@ def refit_per_vector(
         fit_scale, fit_offset = torch.where(fits, fit_scale, range_scale), torch.where(fits, fit_offset, range_offset)
         s, o = fit_scale.float(), fit_offset.float()
         current = nearest_code((x - o) / s, book)
-        error = inlier_error(x, outlier, current, book, s, o, s0)
-        better = error < best
-        codes = torch.where(better, current, codes)
-        scale, offset = torch.where(better, fit_scale, scale), torch.where(better, fit_offset, offset)
-        best = torch.where(better, error, best)
+        if match_moments:
+            take = fits
+        else:
+            error = inlier_error(x, outlier, current, book, s, o, s0)
+            take = error < best
+            best = torch.where(take, error, best)
+        codes = torch.where(take, current, codes)
+        scale, offset = torch.where(take, fit_scale, scale), torch.where(take, fit_offset, offset)
     return codes, scale, offset
 
 
 def code_per_vector(
     x: torch.Tensor, k: int, encode_book: torch.Tensor, decode_book: torch.Tensor, refits: int,
+    match_moments: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-vector codes of x [..., D]: normalised around its inliers' range (:func:`normalize_per_vector`, k
     outliers), the nearest entries of ``encode_book``, then ``refits`` rounds of :func:`refit_per_vector` against
-    ``decode_book`` (books [2**bits] float32). Returns codes [..., D] uint8, the outlier mask [..., D] bool, and
+    ``decode_book`` (books [2**bits] float32; ``match_moments`` as there). Returns codes [..., D] uint8, the outlier mask [..., D] bool, and
     the fp16 scale and offset [..., 1]."""
     x = x.float()
     xn, mask, scale, offset = normalize_per_vector(x, k)
     codes = nearest_code(xn.clamp(-1, 1), encode_book)
     if refits:
-        codes, scale, offset = refit_per_vector(x, mask, scale, offset, codes, decode_book, refits)
+        codes, scale, offset = refit_per_vector(x, mask, scale, offset, codes, decode_book, refits, match_moments)
     return codes, mask, scale, offset
 
 
@@ -394,7 +419,7 @@ class KVQuantCodec(KVCodec):
         else:
             refits = self.options.value_refits if kind == "value" else 0
             codes, mask, scale, offset = code_per_vector(x, self._vector_outliers(kind, x.shape[-1]), encode_book,
-                                                         decode_book, refits)
+                                                         decode_book, refits, self.options.match_moments)
         codes = pack_codes(codes, self.bits)
         mask[: self.options.sink_tokens] = False  # the sink holds those tokens exactly
         flat = mask.reshape(-1).nonzero().squeeze(-1)  # (token, head, channel) order
@@ -473,6 +498,7 @@ def kvquant_methods() -> dict[str, KVQuantOptions]:
             "kvquant3-unbounded": replace(k3, block_size=None),
             "kvquant3-qnorm": replace(k3, qnorm=True),
             "kvquant3-norefit": replace(k3, value_refits=0),
+            "kvquant3-lsrefit": replace(k3, value_fit="least-squares"),
             "kvquant2-noqnorm": replace(k2, qnorm=False),
         }
     )

@@ -45,6 +45,7 @@ class PagedKVQuant:
                                for b in codec.codebooks("key", layer))
         self.value_books = codec.codebooks("value", layer)  # (encode, decode) [2**bits] float32
         self.value_refits = options.value_refits
+        self.match_moments = options.match_moments
         # [D, D] float32, or None: values stored as they are
         self.value_rotation = value_rotation(geo.head_dim) if options.spec.value_rotation else None
 
@@ -89,7 +90,7 @@ class PagedKVQuant:
         kn, kmask = normalize_per_channel(key, self.key_scale, self.key_offset, lay.outlier_fraction > 0)
         put("key_codes", pack_code_planes(nearest_code(kn.clamp(-1, 1), self.key_books[0]), lay.bits))
         vcodes, vmask, vscale, voffset = code_per_vector(value, lay.value_outliers_per_vector, *self.value_books,
-                                                         self.value_refits)
+                                                         self.value_refits, self.match_moments)
         put("value_codes", pack_code_planes(vcodes, lay.bits))
         put("value_scale", vscale.squeeze(-1))
         put("value_offset", voffset.squeeze(-1))
