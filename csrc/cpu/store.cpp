@@ -384,9 +384,9 @@ void store_token(const StoreLayout& lay, uint8_t* page, int offset, int64_t posi
 void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slots,
            const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, double inverse_gain,
            const at::Tensor& key_scale, const at::Tensor& key_offset, const at::Tensor& key_book,
-           const at::Tensor& value_book, const at::Tensor& value_decode_book, int64_t value_refits, bool match_moments, int64_t bits,
-           int64_t block_size, at::IntArrayRef sections, int64_t head_stride, int64_t key_capacity,
-           int64_t value_outliers, bool sink) {
+           const at::Tensor& value_book, const at::Tensor& value_decode_book, int64_t value_refits,
+           bool match_moments, int64_t bits, int64_t block_size, at::IntArrayRef sections, int64_t head_stride,
+           int64_t key_capacity, int64_t value_outliers, bool sink) {
   TORCH_CHECK(key.dim() == 3 && key.is_contiguous() && key.scalar_type() == at::kFloat && value.sizes() == key.sizes() &&
                   value.is_contiguous() && value.scalar_type() == at::kFloat,
               "kvquant CPU store: key and value must be contiguous float32 [tokens, kv heads, D] of one shape");
@@ -423,9 +423,9 @@ void store(at::Tensor& pages, const at::Tensor& key, const at::Tensor& value, co
               " section offsets");
   const StoreLayout lay{static_cast<int>(bits), static_cast<int>(block_size), static_cast<int>(d),
                         static_cast<int>(heads), static_cast<int>(key_capacity), static_cast<int>(value_outliers),
-                        static_cast<int>(value_refits), match_moments, head_stride, sections[0], sections[1], sections[2],
-                        sections[3], sections[4], sections[5], sections[6], sections[7], sections[8], sections[9],
-                        sink};
+                        static_cast<int>(value_refits), match_moments, head_stride, sections[0], sections[1],
+                        sections[2], sections[3], sections[4], sections[5], sections[6], sections[7], sections[8],
+                        sections[9], sink};
 
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -522,8 +522,8 @@ TORCH_LIBRARY_FRAGMENT(kvquant_cpu, m) {
   m.def(
       "store(Tensor(a!) pages, Tensor key, Tensor value, Tensor slots, Tensor positions, Tensor cos, Tensor sin, "
       "float inverse_gain, Tensor key_scale, Tensor key_offset, Tensor key_book, Tensor value_book, "
-      "Tensor value_decode_book, int value_refits, bool match_moments, int bits, int block_size, int[] sections, int head_stride, "
-      "int key_capacity, int value_outliers, bool sink) -> ()");
+      "Tensor value_decode_book, int value_refits, bool match_moments, int bits, int block_size, int[] sections, "
+      "int head_stride, int key_capacity, int value_outliers, bool sink) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kvquant_cpu, CPU, m) { m.impl("store", &store); }

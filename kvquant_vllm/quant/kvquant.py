@@ -292,8 +292,10 @@ def refit_per_vector(
     fixed_x = torch.where(inlier, to_fixed((x - o0) / s0, FIT_LIMIT, FIT_ONE), 0)
     count = inlier.sum(-1, keepdim=True)
     sum_x = fixed_x.sum(-1, keepdim=True)
-    spread_x = count * (fixed_x * fixed_x).sum(-1, keepdim=True) - sum_x * sum_x  # count^2 FIT_ONE^2 var(xn)
-    best = inlier_error(x, outlier, codes, book, s0, o0, s0)
+    if match_moments:
+        spread_x = count * (fixed_x * fixed_x).sum(-1, keepdim=True) - sum_x * sum_x  # count^2 FIT_ONE^2 var(xn)
+    else:
+        best = inlier_error(x, outlier, codes, book, s0, o0, s0)
     current = codes
     for _ in range(rounds):
         fixed_b = torch.where(inlier, to_fixed(book[current.long()], FIT_LIMIT, FIT_ONE), 0)
@@ -330,8 +332,8 @@ def code_per_vector(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-vector codes of x [..., D]: normalised around its inliers' range (:func:`normalize_per_vector`, k
     outliers), the nearest entries of ``encode_book``, then ``refits`` rounds of :func:`refit_per_vector` against
-    ``decode_book`` (books [2**bits] float32; ``match_moments`` as there). Returns codes [..., D] uint8, the outlier mask [..., D] bool, and
-    the fp16 scale and offset [..., 1]."""
+    ``decode_book`` (books [2**bits] float32; ``match_moments`` as there). Returns codes [..., D] uint8, the
+    outlier mask [..., D] bool, and the fp16 scale and offset [..., 1]."""
     x = x.float()
     xn, mask, scale, offset = normalize_per_vector(x, k)
     codes = nearest_code(xn.clamp(-1, 1), encode_book)
