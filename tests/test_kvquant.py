@@ -125,16 +125,22 @@ def _inlier_sse(x, outlier, codes, book, scale, offset):
     return torch.where(outlier, 0.0, error * error).sum(-1)
 
 
+def _range_fit_case(rng):
+    """Value vectors [400, 2, 64] of varied scale and mean, a non-uniform asymmetric book [8], and their range fit
+    with one outlier per vector: (x, book, outlier, scale, offset, codes)."""
+    x = torch.randn(400, 2, 64, generator=rng) * (0.2 + 3 * torch.rand(400, 2, 1, generator=rng)) \
+        + torch.randn(400, 2, 1, generator=rng)
+    book = torch.tensor([-1.0, -0.62, -0.33, -0.1, 0.08, 0.3, 0.58, 1.0])
+    xn, outlier, scale, offset = normalize_per_vector(x, 1)
+    return x, book, outlier, scale, offset, nearest_code(xn.clamp(-1, 1), book)
+
+
 def test_value_refit_is_the_least_squares_line_of_the_codes(rng):
     """One round against a float64 reference: where a vector takes the refit, its fp16 scale and offset are the
     least-squares line of its inliers through the decode book at the range fit's codes (the scale within fp16
     rounding, the offset the best one for that scale), and its codes the nearest entries under them; no vector's
     inlier error grows, and the total falls."""
-    x = torch.randn(400, 2, 64, generator=rng) * (0.2 + 3 * torch.rand(400, 2, 1, generator=rng)) \
-        + torch.randn(400, 2, 1, generator=rng)
-    book = torch.tensor([-1.0, -0.62, -0.33, -0.1, 0.08, 0.3, 0.58, 1.0])  # non-uniform, not symmetric
-    xn, outlier, scale, offset = normalize_per_vector(x, 1)
-    codes = nearest_code(xn.clamp(-1, 1), book)
+    x, book, outlier, scale, offset, codes = _range_fit_case(rng)
     new_codes, new_scale, new_offset = refit_per_vector(x, outlier, scale, offset, codes, book, rounds=1)
 
     inlier = (~outlier).double()
@@ -162,11 +168,7 @@ def test_value_refit_matching_moments_keeps_the_mean_and_spread(rng):
     inliers' standard deviation to that of the decode book at the range fit's codes (within fp16 rounding), its
     offset matches their means, and its codes are the nearest entries under them. The decoded inliers keep the
     vectors' spread, which least squares shrinks."""
-    x = torch.randn(400, 2, 64, generator=rng) * (0.2 + 3 * torch.rand(400, 2, 1, generator=rng)) \
-        + torch.randn(400, 2, 1, generator=rng)
-    book = torch.tensor([-1.0, -0.62, -0.33, -0.1, 0.08, 0.3, 0.58, 1.0])
-    xn, outlier, scale, offset = normalize_per_vector(x, 1)
-    codes = nearest_code(xn.clamp(-1, 1), book)
+    x, book, outlier, scale, offset, codes = _range_fit_case(rng)
     new_codes, new_scale, new_offset = refit_per_vector(x, outlier, scale, offset, codes, book, 1, match_moments=True)
 
     inlier = (~outlier).double()

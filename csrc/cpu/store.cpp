@@ -3,9 +3,8 @@
 // inverse RoPE, keys normalised per channel (calibrated) and values per token after taking out their top-k
 // outliers (distance from the vector's median; ties go to the lower channel, as the Triton store), nearest codebook
 // entries, the values' scales and offsets refitted by least squares or moment matching (fixed-point sums, exact in
-// any order), codes
-// packed in bit planes, fp16 scales and outliers, the sink at position 0, and each head's key outlier
-// list extended first come, first kept.
+// any order), codes packed in bit planes, fp16 scales and outliers, the sink at position 0, and each head's key
+// outlier list extended first come, first kept.
 //
 // Portable C++ (no instruction-set pragmas), built with -ffp-contract=off so that no product and sum fuse: every
 // operation rounds as torch's does. Tokens run in parallel; the key outlier lists, which depend on the order of the
