@@ -150,10 +150,11 @@ def main() -> None:
     del activations
 
     answers = greedy_answers(model, tokenizer, chat_prompts("test"), args.max_new_tokens)
+    answer_tokens = sum(len(a.answer) for a in answers)
     test = make_windows(tokenize(tokenizer, load_text(args.text)), args.seq_len)
     rows = []
     for codec in tqdm(codecs, desc="methods"):
-        agree, answer_nll, answer_tokens = teacher_forced(model, answers, codec)
+        agree, answer_nll, _ = teacher_forced(model, answers, codec)
         nll, count = window_nll(model, test, codec)
         rows.append({"method": codec.name, "bits_per_element": codec.bits_per_element(geometry.head_dim, args.seq_len),
                      "agreement": agree / answer_tokens, "answer_ppl": math.exp(answer_nll / answer_tokens),
@@ -175,7 +176,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['method']} | {r['bits_per_element']:.2f} | {100 * r['agreement']:.1f} % "
                      f"| {r['answer_ppl_delta']:+.3f} | {r['ppl']:.3f} | {r['ppl_delta']:+.3f} |")
-    widths = "\n".join(f"- {m}: {h}" for m, h in histograms.items())
+    width_lines = "\n".join(f"- {m}: {h}" for m, h in histograms.items())
     markdown = (
         "# Per-channel key code widths for kvquant (harness only)\n\n"
         f"Model `{args.model}`, fake quantization (fp32, keys pre-RoPE). Calibration on {args.calibrate_on}, "
@@ -184,7 +185,7 @@ def main() -> None:
         f"{args.max_new_tokens} tokens ({answer_tokens} answer tokens) teacher-forced. Perplexity: {len(test)} "
         f"windows of {args.seq_len} tokens of `{args.text}`. Bits per element on those windows.\n\n"
         f"Command: `{command}`\n\n" + "\n".join(lines) + "\n\n"
-        f"Key channels by width (1 to {MAX_WIDTH} bits, all layers and kv heads):\n\n{widths}\n"
+        f"Key channels by width (1 to {MAX_WIDTH} bits, all layers and kv heads):\n\n{width_lines}\n"
         + (f"\n{args.notes.read_text()}" if args.notes else "")
     )
     atomic_write_text(RESULTS / f"{args.name}.md", markdown)
