@@ -18,6 +18,7 @@ from kvquant_vllm.calib.run import calibrate_layers
 from kvquant_vllm.eval.fakequant import fake_quantized
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
 from kvquant_vllm.quant.cq import CQCodec, CQOptions, CQSpec, nearest_centroid
+from kvquant_vllm.quant.fp8 import FP8_FORMATS, FP8Codec
 from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
 from kvquant_vllm.quant.intn import IntTokenCodec
 from kvquant_vllm.quant.kivi import KIVICodec
@@ -157,6 +158,36 @@ def test_kivi_round_trip_within_half_a_step(bits, rng):
     verr = (codec.fake_quant(x, "value", 0) - x).reshape(v.shape).abs()
     assert (verr <= step / 2 * 1.01 + 1e-3).all()
     assert float((verr / step).max()) > 0.3  # the bound is nearly reached: this really is b-bit
+
+
+def _fp8_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 reference: each element of ``x`` rounded to the nearest finite value of the fp8 ``dtype``."""
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).double()
+    grid = grid[grid.isfinite()].unique()
+    x = x.double().clamp(grid[0], grid[-1])
+    return grid[(x[..., None] - grid).abs().argmin(-1)]
+
+
+@pytest.mark.parametrize("fmt", list(FP8_FORMATS))
+def test_fp8_rounds_post_rope_keys_and_values_to_the_nearest_fp8(fmt, rng):
+    codec = FP8Codec(fmt, GEO)
+    x = _keys_values(rng, t=37) * 30  # magnitudes up to ~200: normals of both formats
+    x[5, 0, 3] = 1e5  # beyond e4m3's 448: saturates, not NaN
+    rotated = apply_rope(x.double(), *(t.double() for t in sequence_cos_sin(37, GEO.head_dim, GEO.rope_theta)))
+    # Keys are cast after RoPE, as vLLM's cache holds them; decode rotates them back.
+    keys = _post_rope(codec.fake_quant(x, "key", 0)).double()
+    torch.testing.assert_close(keys, _fp8_nearest(rotated, FP8_FORMATS[fmt]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codec.fake_quant(x, "value", 0).double(), _fp8_nearest(x, FP8_FORMATS[fmt]),
+                               rtol=0, atol=0)
+    assert codec.bits_per_element(GEO.head_dim, 37) == 8.0
+
+
+def test_fp8_names_its_formats_and_needs_the_geometry(tiny_model):
+    with pytest.raises(ValueError, match="unknown fp8 format 'e3m4'; known: e4m3, e5m2"):
+        FP8Codec("e3m4", GEO)
+    with pytest.raises(ValueError, match="fp8-e4m3 casts keys after RoPE"):
+        get_codec("fp8-e4m3")
+    assert get_codec("fp8-e5m2", geometry=attention_geometry(tiny_model.config)).name == "fp8-e5m2"
 
 
 def _skvq_codec(spec, groups, clip=1.0, layers=1):

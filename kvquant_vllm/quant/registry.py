@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
 from kvquant_vllm.quant.cq import CQCodec, CQOptions, CQSpec, CQTables
+from kvquant_vllm.quant.fp8 import FP8_FORMATS, FP8Codec
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.intn import INT_BITS, IntChannelCodec, IntTokenCodec
 from kvquant_vllm.quant.kivi import KIVICodec
@@ -44,6 +45,18 @@ def _kivi(bits: int) -> CodecFactory:
 
 
 _FACTORIES.update({"kivi2": _kivi(2), "kivi4": _kivi(4)})
+
+
+def _fp8(fmt: str) -> CodecFactory:
+    def make(geometry: AttentionGeometry | None) -> KVCodec:
+        if geometry is None:
+            raise ValueError(f"fp8-{fmt} casts keys after RoPE and needs the model's geometry")
+        return FP8Codec(fmt, geometry)
+
+    return make
+
+
+_FACTORIES.update({f"fp8-{fmt}": _fp8(fmt) for fmt in FP8_FORMATS})
 
 
 @dataclass(frozen=True)
