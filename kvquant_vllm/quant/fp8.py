@@ -1,8 +1,9 @@
 """vLLM's own 8-bit float KV caches (``--kv-cache-dtype fp8_e4m3`` / ``fp8_e5m2``; vLLM's ``fp8`` is e4m3).
 
-Every key and value element is cast to fp8 after RoPE, divided by a per-tensor scale: 1.0, vLLM's scale when the
-checkpoint brings none and ``calculate_kv_scales`` is off. The cast saturates at the format's largest finite
-value, as vLLM's CUDA conversion does (torch's own cast turns out-of-range e5m2 elements into infinities).
+Every key and value element is cast to fp8 after RoPE, with a per-tensor scale of 1.0: vLLM's scale when the
+checkpoint brings none and ``calculate_kv_scales`` is off. The cast rounds to nearest and saturates at the
+format's largest finite value, as vLLM's CUDA conversion does (torch's own cast turns out-of-range e5m2
+elements into infinities; vLLM 0.32's CPU store truncates instead of rounding).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
-def to_fp8(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``x / scale`` cast to the fp8 ``dtype``, saturated at its largest finite magnitude."""
+def to_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast to the fp8 ``dtype``, rounded to nearest and saturated at its largest finite magnitude."""
     limit = torch.finfo(dtype).max
-    return (x.float() / scale).clamp(-limit, limit).to(dtype)
+    return x.float().clamp(-limit, limit).to(dtype)
 
 
 @dataclass
@@ -31,13 +32,13 @@ class FP8Packed:
 
 
 class FP8Codec(KVCodec):
-    """Per-element fp8 with a per-tensor scale, keys after RoPE (as vLLM's cache holds them)."""
+    """Per-element fp8, keys after RoPE (as vLLM's cache holds them)."""
 
-    def __init__(self, fmt: str, geometry: AttentionGeometry, scale: float = 1.0) -> None:
+    def __init__(self, fmt: str, geometry: AttentionGeometry) -> None:
         if fmt not in FP8_FORMATS:
             raise ValueError(f"unknown fp8 format {fmt!r}; known: {', '.join(FP8_FORMATS)}")
         self.name = f"fp8-{fmt}"
-        self.dtype, self.geometry, self.scale = FP8_FORMATS[fmt], geometry, scale
+        self.dtype, self.geometry = FP8_FORMATS[fmt], geometry
 
     def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         return sequence_cos_sin(num_tokens, self.geometry.head_dim, self.geometry.rope_theta)
@@ -47,10 +48,10 @@ class FP8Codec(KVCodec):
         x = x.float()
         if kind == "key":
             x = apply_rope(x, *self._rope(x.shape[0]))
-        return FP8Packed(kind, to_fp8(x, self.dtype, self.scale))
+        return FP8Packed(kind, to_fp8(x, self.dtype))
 
     def decode(self, p: FP8Packed) -> torch.Tensor:
-        x = p.data.float() * self.scale
+        x = p.data.float()
         return invert_rope(x, *self._rope(x.shape[0])) if p.kind == "key" else x
 
     def bits_per_element(self, head_dim: int, seq_len: int) -> float:
