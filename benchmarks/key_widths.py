@@ -12,6 +12,9 @@ bits x head_dim per head (:func:`allocate_widths`). The widths are calibration t
 same bits: only the code widths inside a page would differ. Ranges, outliers, values and sink stay the method's,
 with its calibration.
 
+With ``--width-groups``, a third row per method keeps each RoPE pair in one width and fixes the number of pairs
+of each width in every head (:func:`allocate_width_groups`): the layout that ``docs/layout-v3.md`` proposes.
+
 No page layout holds mixed widths: this measures, with fake quantization (kvquant_vllm.eval), whether a layout
 should. Rows: greedy agreement on the built-in chat prompts (kvquant_vllm.eval.agreement) and perplexity on
 --text windows, every row in one run.
@@ -20,6 +23,7 @@ should. Rows: greedy agreement on the built-in chat prompts (kvquant_vllm.eval.a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
@@ -84,6 +88,41 @@ def allocate_widths(costs: torch.Tensor, mean_bits: int) -> torch.Tensor:
     return widths
 
 
+def allocate_width_groups(costs: torch.Tensor, pairs_per_width: dict[int, int]) -> torch.Tensor:
+    """Widths [H, D] int64 with each RoPE pair (channels c and c + D/2) in one width and a fixed number of pairs
+    per width in every head (``pairs_per_width``: width -> pairs, summing to D/2): the layout of
+    ``docs/layout-v3.md``. Per head, the cheapest such assignment for costs [H, D, MAX_WIDTH].
+
+    From any start, pairs move between widths along cycles (pair of width a to width b, one of b to c, ...,
+    one of the last width back to a) while a cycle lowers the cost. A transport problem is at its optimum when
+    no such cycle does, so the result is exact.
+    """
+    h, d, _ = costs.shape
+    if sum(pairs_per_width.values()) != d // 2:
+        raise ValueError(f"width groups {pairs_per_width} hold {sum(pairs_per_width.values())} pairs, not {d // 2}")
+    pair_costs = costs[:, : d // 2] + costs[:, d // 2 :]  # [H, D/2, MAX_WIDTH]
+    classes = sorted(pairs_per_width)
+    cycles = [c for k in range(2, len(classes) + 1) for c in itertools.permutations(classes, k) if c[0] == min(c)]
+    widths = torch.empty(h, d // 2, dtype=torch.int64)
+    for head in range(h):
+        cost = pair_costs[head]
+        width = torch.tensor([w for w in classes for _ in range(pairs_per_width[w])])
+        improved = True
+        while improved:
+            improved = False
+            for cycle in cycles:
+                moves = []  # (pair, to width) of each step: the pair of its width that moves most cheaply
+                for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+                    delta = torch.where(width == a, cost[:, b - 1] - cost[:, a - 1], math.inf)
+                    moves.append((int(delta.argmin()), b, float(delta.min())))
+                if sum(m[2] for m in moves) < -1e-12 * float(cost.abs().max()):
+                    for pair, b, _ in moves:
+                        width[pair] = b
+                    improved = True
+        widths[head] = width
+    return torch.cat([widths, widths], 1)
+
+
 class KeyWidthsCodec(KVQuantCodec):
     """kvquant with each key channel coded in its own width: per-channel books [H, D, 2**MAX_WIDTH] per layer.
     Codes are held one per byte (the harness packs nothing mixed); bits per element are kvquant's, since the
@@ -104,14 +143,16 @@ class KeyWidthsCodec(KVQuantCodec):
         return KVQuantCodec(self.name, self.options, self.calibration).bits_per_element(head_dim, seq_len)
 
 
-def key_width_books(activations: list[LayerActivations], calibration: KVQuantCalibration
-                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per layer the allocated books [H, D, 2**MAX_WIDTH] of every key channel, and the widths [L, H, D]."""
+def key_width_books(activations: list[LayerActivations], calibration: KVQuantCalibration,
+                    pairs_per_width: dict[int, int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per layer the allocated books [H, D, 2**MAX_WIDTH] of every key channel, and the widths [L, H, D]: free
+    widths, or width groups of ``pairs_per_width`` (:func:`allocate_width_groups`)."""
     books, widths = [], []
     for layer, act in enumerate(tqdm(activations, desc=f"key widths at {calibration.spec.bits} bits")):
         tables = calibration.layers[layer]
         width_books, costs = width_costs(act, tables.key_scale, tables.key_offset)
-        widths.append(allocate_widths(costs, calibration.spec.bits))
+        widths.append(allocate_widths(costs, calibration.spec.bits) if pairs_per_width is None
+                      else allocate_width_groups(costs, pairs_per_width))
         books.append(width_books.gather(0, (widths[-1] - 1)[None, ..., None].expand(1, *width_books.shape[1:]))[0])
     return books, torch.stack(widths)
 
@@ -126,16 +167,28 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--text", default="pydoc:test", help="perplexity text")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--width-groups", help="also rows with RoPE pairs in fixed width groups (docs/layout-v3.md), "
+                   "as WIDTH:PAIRS,...: 4:8,3:16,2:8 is 8 pairs at 4 bits, 16 at 3, 8 at 2 per kv head")
     p.add_argument("--notes", type=Path, help="markdown file appended under the table (the reading of it)")
     args = p.parse_args()
     methods = args.methods.split(",")
     if not set(methods) <= {"kvquant2", "kvquant3", "kvquant4"}:
         p.error(f"--methods: kvquant2, kvquant3 or kvquant4, got {args.methods}")
+    try:
+        groups = args.width_groups and {int(w): int(n) for w, n in (g.split(":") for g in args.width_groups.split(","))}
+    except ValueError:
+        p.error(f"--width-groups: WIDTH:PAIRS,... (e.g. 4:8,3:16,2:8), got {args.width_groups}")
 
     specs = {m: calibration_spec(m) for m in methods}
     paths = cached_calibrations(args.model, list(specs.values()), args.calibrate_on, args.calib_samples, args.seq_len)
     model, tokenizer = load_eval_model(resolve_model(args.model))
     geometry = attention_geometry(model.config)
+    pairs = geometry.head_dim // 2
+    for method, spec in specs.items():
+        if groups and (sum(groups.values()) != pairs or sum(w * n for w, n in groups.items()) != spec.bits * pairs
+                       or not set(groups) <= set(range(1, MAX_WIDTH + 1))):
+            p.error(f"--width-groups {args.width_groups}: {method} needs widths of 1 to {MAX_WIDTH} bits for the "
+                    f"{pairs} RoPE pairs of a kv head, {spec.bits} bits per channel on average")
     windows, _ = calibration_windows(tokenizer, args.calibrate_on, None, args.calib_samples, args.seq_len)
     activations = collect_activations(model, windows)
     codecs: list = [Unquantized()]
@@ -147,6 +200,10 @@ def main() -> None:
         options = KVQuantOptions(spec)
         codecs += [KVQuantCodec(method, options, calibration),
                    KeyWidthsCodec(f"{method} + key widths", options, calibration, books)]
+        if groups:
+            group_books, _ = key_width_books(activations, calibration, groups)
+            codecs.append(KeyWidthsCodec(f"{method} + width groups {args.width_groups}", options, calibration,
+                                         group_books))
     del activations
 
     answers = greedy_answers(model, tokenizer, chat_prompts("test"), args.max_new_tokens)

@@ -4,6 +4,7 @@ import importlib.util
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 
 from calib_helpers import random_calibration
@@ -55,3 +56,26 @@ def test_codec_codes_each_key_channel_in_its_own_width(rng):
     v = torch.randn(33, H, D, generator=rng)
     assert torch.equal(codec.fake_quant(v, "value", 0), plain.fake_quant(v, "value", 0))
     assert codec.bits_per_element(D, 64) == plain.bits_per_element(D, 64)
+
+
+def test_width_groups_are_the_exhaustive_optimum(rng):
+    """RoPE pairs in fixed width groups: each pair's two channels share a width, every head has the asked number
+    of pairs per width, and the assignment is the cheapest of all such (three widths, so cycles of three pairs
+    must be found, not only swaps)."""
+    heads, pairs = 200, 6
+    groups = {4: 2, 3: 2, 1: 2}
+    costs = torch.rand(heads, 2 * pairs, MAX_WIDTH, generator=rng, dtype=torch.float64)
+    widths = key_widths.allocate_width_groups(costs, groups)
+    assert torch.equal(widths[:, :pairs], widths[:, pairs:])
+    slots = [w for w, n in groups.items() for _ in range(n)]
+    assert all(sorted(w) == sorted(slots) for w in widths[:, :pairs].tolist())
+    pair_costs = costs[:, :pairs] + costs[:, pairs:]  # [heads, pairs, MAX_WIDTH]
+    assignments = torch.tensor(sorted(set(itertools.permutations(slots)))) - 1  # [90, pairs]
+    every = pair_costs[:, torch.arange(pairs), assignments].sum(-1)  # [heads, 90]
+    got = pair_costs.gather(-1, widths[:, :pairs, None] - 1).sum((1, 2))
+    torch.testing.assert_close(got, every.min(-1).values, rtol=1e-12, atol=0)
+
+
+def test_width_groups_must_hold_every_pair():
+    with pytest.raises(ValueError, match=r"hold 5 pairs, not 6"):
+        key_widths.allocate_width_groups(torch.zeros(1, 12, MAX_WIDTH), {4: 2, 2: 3})
