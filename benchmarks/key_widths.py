@@ -111,7 +111,8 @@ def allocate_width_groups(costs: torch.Tensor, pairs_per_width: dict[int, int]) 
         while improved:
             improved = False
             for cycle in cycles:
-                moves = []  # (pair, to width) of each step: the pair of its width that moves most cheaply
+                # Per step a -> b: (pair, b, cost change) of the pair of width a that moves to b most cheaply.
+                moves = []
                 for a, b in zip(cycle, cycle[1:] + cycle[:1]):
                     delta = torch.where(width == a, cost[:, b - 1] - cost[:, a - 1], math.inf)
                     moves.append((int(delta.argmin()), b, float(delta.min())))
