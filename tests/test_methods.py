@@ -185,7 +185,7 @@ def test_fp8_rounds_post_rope_keys_and_values_to_the_nearest_fp8(fmt, rng):
 def test_fp8_names_its_formats_and_needs_the_geometry(tiny_model):
     with pytest.raises(ValueError, match="unknown fp8 format 'e3m4'; known: e4m3, e5m2"):
         FP8Codec("e3m4", GEO)
-    with pytest.raises(ValueError, match="fp8-e4m3 casts keys after RoPE"):
+    with pytest.raises(ValueError, match="fp8-e4m3 quantizes keys after RoPE"):
         get_codec("fp8-e4m3")
     assert get_codec("fp8-e5m2", geometry=attention_geometry(tiny_model.config)).name == "fp8-e5m2"
 

@@ -35,28 +35,21 @@ for _b in INT_BITS:
     _FACTORIES[f"int{_b}-channel"] = lambda geo, b=_b: IntChannelCodec(b)
 
 
-def _kivi(bits: int) -> CodecFactory:
+def _post_rope(name: str, build: Callable[[AttentionGeometry], KVCodec]) -> CodecFactory:
+    """The factory of a method that quantizes keys after RoPE: its codec needs the model's geometry."""
+
     def make(geometry: AttentionGeometry | None) -> KVCodec:
         if geometry is None:
-            raise ValueError(f"kivi{bits} quantizes keys after RoPE and needs the model's geometry")
-        return KIVICodec(bits, geometry)
+            raise ValueError(f"{name} quantizes keys after RoPE and needs the model's geometry")
+        return build(geometry)
 
     return make
 
 
-_FACTORIES.update({"kivi2": _kivi(2), "kivi4": _kivi(4)})
-
-
-def _fp8(fmt: str) -> CodecFactory:
-    def make(geometry: AttentionGeometry | None) -> KVCodec:
-        if geometry is None:
-            raise ValueError(f"fp8-{fmt} casts keys after RoPE and needs the model's geometry")
-        return FP8Codec(fmt, geometry)
-
-    return make
-
-
-_FACTORIES.update({f"fp8-{fmt}": _fp8(fmt) for fmt in FP8_FORMATS})
+_FACTORIES.update({f"kivi{b}": _post_rope(f"kivi{b}", lambda geo, b=b: KIVICodec(b, geo)) for b in (2, 4)})
+_FACTORIES.update(
+    {f"fp8-{fmt}": _post_rope(f"fp8-{fmt}", lambda geo, fmt=fmt: FP8Codec(fmt, geo)) for fmt in FP8_FORMATS}
+)
 
 
 @dataclass(frozen=True)
