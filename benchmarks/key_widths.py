@@ -23,12 +23,14 @@ should. Rows: greedy agreement on the built-in chat prompts (kvquant_vllm.eval.a
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -145,17 +147,20 @@ class KeyWidthsCodec(KVQuantCodec):
 
 
 def key_width_books(activations: list[LayerActivations], calibration: KVQuantCalibration,
-                    pairs_per_width: dict[int, int] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per layer the allocated books [H, D, 2**MAX_WIDTH] of every key channel, and the widths [L, H, D]: free
-    widths, or width groups of ``pairs_per_width`` (:func:`allocate_width_groups`)."""
-    books, widths = [], []
+                    allocators: list[Callable[[torch.Tensor], torch.Tensor]]
+                    ) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """For each allocator (costs [H, D, MAX_WIDTH] -> widths [H, D]): per layer the allocated books
+    [H, D, 2**MAX_WIDTH] of every key channel, and the widths [L, H, D]. Each layer's costs are computed once."""
+    books: list[list[torch.Tensor]] = [[] for _ in allocators]
+    widths: list[list[torch.Tensor]] = [[] for _ in allocators]
     for layer, act in enumerate(tqdm(activations, desc=f"key widths at {calibration.spec.bits} bits")):
         tables = calibration.layers[layer]
         width_books, costs = width_costs(act, tables.key_scale, tables.key_offset)
-        widths.append(allocate_widths(costs, calibration.spec.bits) if pairs_per_width is None
-                      else allocate_width_groups(costs, pairs_per_width))
-        books.append(width_books.gather(0, (widths[-1] - 1)[None, ..., None].expand(1, *width_books.shape[1:]))[0])
-    return books, torch.stack(widths)
+        for allocate, layer_books, layer_widths in zip(allocators, books, widths):
+            layer_widths.append(allocate(costs))
+            index = (layer_widths[-1] - 1)[None, ..., None].expand(1, *width_books.shape[1:])
+            layer_books.append(width_books.gather(0, index)[0])
+    return [(b, torch.stack(w)) for b, w in zip(books, widths)]
 
 
 def main() -> None:
@@ -196,15 +201,16 @@ def main() -> None:
     histograms = {}
     for method, spec in specs.items():
         calibration = read_calibration(paths[spec], geometry)
-        books, widths = key_width_books(activations, calibration)
+        allocators = [functools.partial(allocate_widths, mean_bits=spec.bits)]
+        if groups:
+            allocators.append(functools.partial(allocate_width_groups, pairs_per_width=groups))
+        (books, widths), *grouped = key_width_books(activations, calibration, allocators)
         histograms[method] = torch.bincount(widths.reshape(-1), minlength=MAX_WIDTH + 1)[1:].tolist()
         options = KVQuantOptions(spec)
         codecs += [KVQuantCodec(method, options, calibration),
                    KeyWidthsCodec(f"{method} + key widths", options, calibration, books)]
-        if groups:
-            group_books, _ = key_width_books(activations, calibration, groups)
-            codecs.append(KeyWidthsCodec(f"{method} + width groups {args.width_groups}", options, calibration,
-                                         group_books))
+        codecs += [KeyWidthsCodec(f"{method} + width groups {args.width_groups}", options, calibration, group_books)
+                   for group_books, _ in grouped]
     del activations
 
     answers = greedy_answers(model, tokenizer, chat_prompts("test"), args.max_new_tokens)
