@@ -2,13 +2,24 @@ import math
 
 import pytest
 import torch
-from transformers import DeepseekV3Config, GPT2Config, MistralConfig
+from transformers import DeepseekV3Config, GPT2Config, LlamaConfig, MistralConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvquant_vllm.eval.fakequant import fake_quantized
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize, window_nll
+from kvquant_vllm.models import tiny_llama
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
 from kvquant_vllm.quant.geometry import UnsupportedModelError, attention_geometry
+from kvquant_vllm.quant.registry import get_codec
+from kvquant_vllm.quant.rope import Rope
+
+# Scaled RoPE kinds as Llama 3.x, YaRN and linear-interpolation checkpoints configure them (small windows).
+SCALED_ROPE = {
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128},
+}
 
 
 class Recorder(KVCodec):
@@ -111,3 +122,29 @@ def test_make_windows():
 def test_unsupported_models(config, message):
     with pytest.raises(UnsupportedModelError, match=message):
         attention_geometry(config)
+
+
+@pytest.mark.parametrize("kind", ["default", *SCALED_ROPE])
+def test_geometry_rotates_keys_as_the_model_does(kind, rng):
+    """Methods that quantize keys after RoPE rotate them with the geometry's RoPE: it must be the model's,
+    scaled frequencies and attention factor included."""
+    model = tiny_llama(rope_parameters=SCALED_ROPE.get(kind, {"rope_type": "default", "rope_theta": 10000.0}))
+    geometry = attention_geometry(model.config)
+    keys = torch.randn(300, 2, 16, generator=rng)  # [T, H, D], past the scaled kinds' original windows
+    positions = torch.arange(300)
+    cos, sin = model.model.rotary_emb(keys, positions[None])
+    k_bhtd = keys.transpose(0, 1)[None]
+    expected = apply_rotary_pos_emb(k_bhtd, k_bhtd, cos, sin)[0][0].transpose(0, 1)
+    torch.testing.assert_close(geometry.rope().rotate(keys, positions), expected, rtol=1e-4, atol=2e-4)
+    if kind != "default":  # unscaled RoPE is far off: the test tells the two apart
+        assert (Rope.default(16, 10000.0).rotate(keys, positions) - expected).abs().max() > 0.1
+    assert geometry.fingerprint() == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "rope_theta": 10000.0,
+                                      "rope_type": kind}
+
+
+def test_post_rope_methods_reject_length_dependent_rope():
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    geometry = attention_geometry(config)  # pre-RoPE methods still work on it
+    with pytest.raises(UnsupportedModelError, match="dynamic RoPE: methods that quantize keys after RoPE"):
+        get_codec("kivi2", geometry=geometry)

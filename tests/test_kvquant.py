@@ -18,7 +18,7 @@ from kvquant_vllm.quant.kvquant import (
 )
 from calib_helpers import random_calibration
 from kvquant_vllm.quant.registry import MissingCalibrationError, get_codec
-from kvquant_vllm.quant.rope import apply_rope, invert_rope, rope_cos_sin
+from kvquant_vllm.quant.rope import Rope, apply_rope, invert_rope
 from kvquant_vllm.quant.rotation import value_rotation
 
 H, D = 2, 16
@@ -237,14 +237,14 @@ def test_post_rope_round_trip(rng):
     x = torch.randn(12, H, D, generator=rng) * 0.3
     rec = codec.decode(codec.encode(x, "key", 0))
     # Quantization happened in the rotated space: the error, rotated forward, respects the per-channel step.
-    cos, sin = rope_cos_sin(torch.arange(12), D, GEO.rope_theta)
+    cos, sin = GEO.rope().cos_sin(torch.arange(12))
     err_post = (apply_rope(rec, cos, sin) - apply_rope(x, cos, sin)).abs()[1:]
     assert (err_post <= cal.layers[0].key_scale / 15 + 1e-4).all()
 
 
 def test_rope_inverse_exact(rng):
     x = torch.randn(50, 3, 64, generator=rng, dtype=torch.float64).float()
-    cos, sin = rope_cos_sin(torch.arange(1000, 1050), 64, 100000.0)
+    cos, sin = Rope.default(64, 100000.0).cos_sin(torch.arange(1000, 1050))
     assert (invert_rope(apply_rope(x, cos, sin), cos, sin) - x).abs().max() < 1e-5
 
 

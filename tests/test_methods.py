@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from transformers import LlamaConfig
 
 from kvquant_vllm.calib.collect import LayerActivations, collect_activations
 from kvquant_vllm.calib.file import read_calibration, write_calibration
@@ -24,7 +25,6 @@ from kvquant_vllm.quant.intn import IntTokenCodec
 from kvquant_vllm.quant.kivi import KIVICodec
 from kvquant_vllm.quant.kvquant import KVQuantCalibration
 from kvquant_vllm.quant.registry import MissingCalibrationError, calibration_spec, get_codec, method_names
-from kvquant_vllm.quant.rope import apply_rope, sequence_cos_sin
 from kvquant_vllm.quant.skvq import SKVQCodec, SKVQSpec, SKVQTables, dequantize_groups, quantize_groups
 from kvquant_vllm.quant.wkvquant import WKVQuantCodec, WKVQuantSpec
 
@@ -137,7 +137,7 @@ def _keys_values(rng, t=40):
 
 
 def _post_rope(x):
-    return apply_rope(x, *sequence_cos_sin(x.shape[0], GEO.head_dim, GEO.rope_theta))
+    return GEO.rope().rotate(x, torch.arange(x.shape[0]))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -168,18 +168,39 @@ def _fp8_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return grid[(x[..., None] - grid).abs().argmin(-1)]
 
 
+# YaRN: scaled frequencies and an attention factor of 1.14 on cos and sin (a llama3-scaled head would do too).
+YARN_GEO = attention_geometry(LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                          hidden_size=64, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                           "factor": 4.0,
+                                                                           "original_max_position_embeddings": 16}))
+
+
+@pytest.mark.parametrize("geometry", [GEO, YARN_GEO], ids=["default-rope", "yarn"])
 @pytest.mark.parametrize("fmt", list(FP8_FORMATS))
-def test_fp8_rounds_post_rope_keys_and_values_to_the_nearest_fp8(fmt, rng):
-    codec = FP8Codec(fmt, GEO)
+def test_fp8_rounds_post_rope_keys_and_values_to_the_nearest_fp8(fmt, geometry, rng):
+    codec = FP8Codec(fmt, geometry)
     x = _keys_values(rng, t=37) * 30  # magnitudes from subnormals to ~200
     x[5, 0, 3] = 1e5  # beyond both formats: saturates (torch's own e5m2 cast gives inf)
-    rotated = apply_rope(x.double(), *(t.double() for t in sequence_cos_sin(37, GEO.head_dim, GEO.rope_theta)))
-    # Keys are cast after RoPE, as vLLM's cache holds them; decode rotates them back.
-    keys = _post_rope(codec.fake_quant(x, "key", 0)).double()
+    rope, positions = geometry.rope(), torch.arange(37)
+    rotated = rope.rotate(x.double(), positions)
+    # Keys are cast after the model's RoPE, as vLLM's cache holds them; decode rotates them back.
+    keys = rope.rotate(codec.fake_quant(x, "key", 0), positions).double()
     torch.testing.assert_close(keys, _fp8_nearest(rotated, FP8_FORMATS[fmt]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(codec.fake_quant(x, "value", 0).double(), _fp8_nearest(x, FP8_FORMATS[fmt]),
                                rtol=0, atol=0)
     assert codec.bits_per_element(GEO.head_dim, 37) == 8.0
+
+
+def test_post_rope_calibration_keys_and_gradients_follow_the_models_rope(rng):
+    """Calibration of post-RoPE keys sees them as the model does (k_post = s R k) and their gradients by the chain
+    rule (R g / s), so each token's k . g, the first-order loss change of scaling that key, is unchanged."""
+    x, g = torch.randn(2, 37, 2, 16, generator=rng)
+    act = LayerActivations(keys=x, key_grad=g, values=x, value_grad=g)
+    positions = torch.arange(37)
+    keys, grads = act.post_rope_keys(YARN_GEO, positions)
+    torch.testing.assert_close(keys, YARN_GEO.rope().rotate(x, positions))
+    assert YARN_GEO.rope().scaling > 1.1  # so a missing 1 / s**2 on the gradients shows
+    torch.testing.assert_close((keys * grads).sum(-1), (x * g).sum(-1), rtol=1e-4, atol=1e-4)
 
 
 def test_fp8_names_its_formats_and_needs_the_geometry(tiny_model):

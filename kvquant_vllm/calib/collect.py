@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from kvquant_vllm.eval.fakequant import kv_projections
 from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
-from kvquant_vllm.quant.rope import apply_rope, rope_cos_sin
 
 
 @dataclass
@@ -33,10 +32,11 @@ class LayerActivations:
     def post_rope_keys(self, geometry: AttentionGeometry, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and their gradients after RoPE at ``positions`` [num_tokens].
 
-        RoPE is a rotation R: k_post = R k_pre, so dL/dk_post = R dL/dk_pre exactly.
+        RoPE is a rotation R times the model's attention factor s: k_post = s R k_pre, so dL/dk_post =
+        R dL/dk_pre / s exactly.
         """
-        cos, sin = rope_cos_sin(positions, geometry.head_dim, geometry.rope_theta)
-        return apply_rope(self.keys, cos, sin), apply_rope(self.key_grad, cos, sin)
+        rope = geometry.rope()
+        return rope.rotate(self.keys, positions), rope.rotate(self.key_grad, positions) * rope.inverse_gain
 
 
 def collect_activations(model: torch.nn.Module, windows: torch.Tensor, skip_tokens: int = 1) -> list[LayerActivations]:

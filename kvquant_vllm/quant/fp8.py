@@ -14,7 +14,6 @@ import torch
 
 from kvquant_vllm.quant.codec import Kind, KVCodec
 from kvquant_vllm.quant.geometry import AttentionGeometry
-from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -38,21 +37,18 @@ class FP8Codec(KVCodec):
         if fmt not in FP8_FORMATS:
             raise ValueError(f"unknown fp8 format {fmt!r}; known: {', '.join(FP8_FORMATS)}")
         self.name = f"fp8-{fmt}"
-        self.dtype, self.geometry = FP8_FORMATS[fmt], geometry
-
-    def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_cos_sin(num_tokens, self.geometry.head_dim, self.geometry.rope_theta)
+        self.dtype, self.rope = FP8_FORMATS[fmt], geometry.rope()
 
     def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> FP8Packed:
         """x: [T, H, D] (keys pre-RoPE, the sequence starting at position 0)."""
         x = x.float()
         if kind == "key":
-            x = apply_rope(x, *self._rope(x.shape[0]))
+            x = self.rope.rotate(x, torch.arange(x.shape[0]))
         return FP8Packed(kind, to_fp8(x, self.dtype))
 
     def decode(self, p: FP8Packed) -> torch.Tensor:
         x = p.data.float()
-        return invert_rope(x, *self._rope(x.shape[0])) if p.kind == "key" else x
+        return self.rope.unrotate(x, torch.arange(x.shape[0])) if p.kind == "key" else x
 
     def bits_per_element(self, head_dim: int, seq_len: int) -> float:
         return 8.0

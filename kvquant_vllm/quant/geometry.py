@@ -5,7 +5,12 @@ Works on any Hugging Face config object (transformers' or the one vLLM holds).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+
+from kvquant_vllm.quant.rope import Rope
+
+# RoPE kinds whose frequencies change with the sequence length: no one rotation per position stands for them.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 class UnsupportedModelError(ValueError):
@@ -19,9 +24,24 @@ class AttentionGeometry:
     head_dim: int
     rope_theta: float
     rope_type: str
+    # The rotation the model's attention applies (scaled frequencies, attention factor), where it is one fixed
+    # rotation per position of the whole head; None otherwise. The fingerprint's type and theta name it.
+    model_rope: Rope | None = field(default=None, compare=False, repr=False)
 
     def fingerprint(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
+
+    def rope(self) -> Rope:
+        """The RoPE that keys go through in the model, for the methods that quantize keys after it."""
+        if self.model_rope is not None:
+            return self.model_rope
+        if self.rope_type == "default":  # a geometry read from a calibration file: theta is all it takes
+            return Rope.default(self.head_dim, self.rope_theta)
+        raise UnsupportedModelError(
+            f"{self.rope_type} RoPE: methods that quantize keys after RoPE need the model's rotation per position, "
+            "and this geometry has none (the RoPE changes with the sequence length or rotates part of the head, or "
+            "the geometry came from a calibration file without the model's config); the pre-RoPE methods work"
+        )
 
 
 def _rope_parameters(config) -> dict | None:
@@ -33,6 +53,23 @@ def _rope_parameters(config) -> dict | None:
         return None
     scaling = getattr(config, "rope_scaling", None) or {}
     return {"rope_theta": theta, "rope_type": scaling.get("rope_type", scaling.get("type", "default"))}
+
+
+def _model_rope(config, rope: dict, head_dim: int) -> Rope | None:
+    """The rotation that a model with ``config`` applies to its keys: transformers' frequencies for its RoPE type,
+    which vLLM's rotary embeddings reproduce. None for a length-dependent or partial rotation."""
+    partial = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor", 1.0)
+    kind = str(rope.get("rope_type", "default"))
+    if kind in LENGTH_DEPENDENT_ROPE or partial != 1.0:
+        return None
+    if kind == "default":
+        return Rope.default(head_dim, float(rope["rope_theta"]))
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if kind not in ROPE_INIT_FUNCTIONS:
+        return None
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](config)
+    return Rope(inv_freq.float().cpu(), float(factor)) if 2 * inv_freq.numel() == head_dim else None
 
 
 def attention_geometry(config) -> AttentionGeometry:
@@ -51,5 +88,6 @@ def attention_geometry(config) -> AttentionGeometry:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return AttentionGeometry(
-        config.num_hidden_layers, kv_heads, head_dim, float(rope["rope_theta"]), str(rope.get("rope_type", "default"))
+        config.num_hidden_layers, kv_heads, head_dim, float(rope["rope_theta"]), str(rope.get("rope_type", "default")),
+        _model_rope(config, rope, head_dim),
     )

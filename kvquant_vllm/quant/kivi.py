@@ -16,7 +16,6 @@ import torch
 
 from kvquant_vllm.quant.codec import Kind, KVCodec, bits_with_exact_tokens
 from kvquant_vllm.quant.geometry import AttentionGeometry
-from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 from kvquant_vllm.quant.uniform import SIDE_BITS, UniformPacked, dequantize_uniform, quantize_uniform
 
 KIVI_GROUP = 32  # the paper's group size G
@@ -36,10 +35,7 @@ class KIVICodec(KVCodec):
         if residual % group:
             raise ValueError(f"KIVI: the residual ({residual}) must be a multiple of the group size ({group})")
         self.name = f"kivi{bits}"
-        self.bits, self.geometry, self.group, self.residual = bits, geometry, group, residual
-
-    def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_cos_sin(num_tokens, self.geometry.head_dim, self.geometry.rope_theta)
+        self.bits, self.rope, self.group, self.residual = bits, geometry.rope(), group, residual
 
     def _value_group(self, head_dim: int) -> int:
         return min(self.group, head_dim)
@@ -49,7 +45,7 @@ class KIVICodec(KVCodec):
         t, h, d = x.shape
         x = x.float()
         if kind == "key":
-            x = apply_rope(x, *self._rope(t))
+            x = self.rope.rotate(x, torch.arange(t))
             # A last, partial group is padded with its final token, which leaves its min/max unchanged.
             pad = (-t) % self.group
             x = torch.cat([x, x[-1:].expand(pad, h, d)]) if pad else x
@@ -62,7 +58,7 @@ class KIVICodec(KVCodec):
     def decode(self, p: KIVIPacked) -> torch.Tensor:
         t, h, d = p.shape
         x = dequantize_uniform(p.data).reshape(-1, h, d)[:t]
-        return invert_rope(x, *self._rope(t)) if p.kind == "key" else x
+        return self.rope.unrotate(x, torch.arange(t)) if p.kind == "key" else x
 
     def full_precision_masks(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = torch.arange(seq_len)[:, None]

@@ -29,7 +29,6 @@ from kvquant_vllm.quant.codebook import lookup, nearest_code, uniform_codebook
 from kvquant_vllm.quant.codec import Kind, KVCodec
 from kvquant_vllm.quant.geometry import AttentionGeometry
 from kvquant_vllm.quant.packing import pack_codes, unpack_codes
-from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 from kvquant_vllm.quant.rotation import value_rotation
 
 OUTLIER_BITS = 32  # fp16 value + 16-bit position
@@ -374,6 +373,8 @@ class KVQuantCodec(KVCodec):
         self.options = options
         self.calibration = calibration
         self.bits = options.spec.bits
+        # Only the post-RoPE ablation needs the model's RoPE (its error names the model's RoPE type).
+        self.key_rope = calibration.geometry.rope() if options.spec.key_position == "post-rope" else None
 
     def codebooks(self, kind: Kind, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(encode codebook, decode codebook) for ``kind`` at ``layer``: [2**bits], or per channel
@@ -400,16 +401,12 @@ class KVQuantCodec(KVCodec):
     def _rotated(self, kind: Kind) -> bool:
         return kind == "value" and self.options.spec.value_rotation
 
-    def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        geo = self.calibration.geometry
-        return sequence_cos_sin(num_tokens, geo.head_dim, geo.rope_theta)
-
     def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> KVQuantPacked:
         """x: [num_tokens, num_kv_heads, head_dim] (keys pre-RoPE, the sequence starting at position 0)."""
         spec = self.options.spec
         x = x.float()
-        if kind == "key" and spec.key_position == "post-rope":
-            x = apply_rope(x, *self._rope(x.shape[0]))
+        if kind == "key" and self.key_rope is not None:
+            x = self.key_rope.rotate(x, torch.arange(x.shape[0]))
         if self._rotated(kind):
             x = x @ value_rotation(x.shape[-1])
         encode_book, decode_book = self.codebooks(kind, layer)
@@ -453,8 +450,8 @@ class KVQuantCodec(KVCodec):
             x = xn * p.scale.float() + p.offset.float()
         x = x.reshape(-1).index_put((p.outlier_index,), p.outlier_value.float()).reshape(t, h, d)
         x[: p.sink.shape[0]] = p.sink.float()
-        if p.kind == "key" and self.options.spec.key_position == "post-rope":
-            x = invert_rope(x, *self._rope(t))
+        if p.kind == "key" and self.key_rope is not None:
+            x = self.key_rope.unrotate(x, torch.arange(t))
         if self._rotated(p.kind):
             x = x @ value_rotation(d).T
         return x

@@ -56,16 +56,6 @@ class Rope:
         return 1.0 / self.scaling**2
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [num_tokens, head_dim] float32 for integer ``positions`` [num_tokens] (default RoPE)."""
-    return Rope.default(head_dim, theta).cos_sin(positions)
-
-
-def sequence_cos_sin(num_tokens: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [num_tokens, head_dim] float32 of a sequence at positions 0 .. num_tokens - 1."""
-    return rope_cos_sin(torch.arange(num_tokens), head_dim, theta)
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)

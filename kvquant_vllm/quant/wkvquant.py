@@ -19,7 +19,6 @@ import torch
 
 from kvquant_vllm.quant.codec import Kind, KVCodec
 from kvquant_vllm.quant.geometry import AttentionGeometry
-from kvquant_vllm.quant.rope import apply_rope, invert_rope, sequence_cos_sin
 from kvquant_vllm.quant.uniform import SIDE_BITS, UniformPacked, dequantize_uniform, quantize_uniform
 
 
@@ -67,23 +66,20 @@ class WKVQuantPacked:
 class WKVQuantCodec(KVCodec):
     def __init__(self, spec: WKVQuantSpec, calibration) -> None:
         self.name, self.spec, self.calibration = spec.method, spec, calibration
-
-    def _rope(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        geo = self.calibration.geometry
-        return sequence_cos_sin(num_tokens, geo.head_dim, geo.rope_theta)
+        self.rope = calibration.geometry.rope()
 
     def encode(self, x: torch.Tensor, kind: Kind, layer: int) -> WKVQuantPacked:
         """x: [T, H, D] (keys pre-RoPE, the sequence starting at position 0)."""
         x = x.float()
         if kind == "key":
-            x = apply_rope(x, *self._rope(x.shape[0]))
+            x = self.rope.rotate(x, torch.arange(x.shape[0]))
         shift, smooth = self.calibration.layers[layer].smoothing(kind)
         return WKVQuantPacked(kind, layer, quantize_uniform((x - shift) / smooth, 1 << self.spec.bits, dim=2))
 
     def decode(self, p: WKVQuantPacked) -> torch.Tensor:
         shift, smooth = self.calibration.layers[p.layer].smoothing(p.kind)
         x = dequantize_uniform(p.data) * smooth + shift
-        return invert_rope(x, *self._rope(x.shape[0])) if p.kind == "key" else x
+        return self.rope.unrotate(x, torch.arange(x.shape[0])) if p.kind == "key" else x
 
     def full_precision_masks(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         own = torch.eye(seq_len, dtype=torch.bool)
