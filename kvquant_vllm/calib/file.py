@@ -135,4 +135,4 @@ def parse_calibration(data: bytes, geometry: AttentionGeometry | None = None, so
         layers.append(tables_type(**fields))
     info = {k: v for k, v in header.items() if k not in ("format_version", "method", "model", "fingerprint", "spec")}
     # The model's geometry carries its RoPE, which the file records by type and theta only.
-    return KVQuantCalibration(spec, geometry if geometry is not None else file_geo, layers, header.get("model", ""), info)
+    return KVQuantCalibration(spec, file_geo if geometry is None else geometry, layers, header.get("model", ""), info)

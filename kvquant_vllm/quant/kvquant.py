@@ -373,7 +373,7 @@ class KVQuantCodec(KVCodec):
         self.options = options
         self.calibration = calibration
         self.bits = options.spec.bits
-        # Only the post-RoPE ablation needs the model's RoPE (its error names the model's RoPE type).
+        # The post-RoPE ablation's rotation, made here so that a RoPE it cannot follow fails at construction.
         self.key_rope = calibration.geometry.rope() if options.spec.key_position == "post-rope" else None
 
     def codebooks(self, kind: Kind, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
