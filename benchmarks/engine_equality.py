@@ -66,10 +66,10 @@ def engine_ppl(model_dir: str, dtype: str, windows: torch.Tensor, calibration: P
 
 @contextmanager
 def key_noise(model: torch.nn.Module, seed: int):
-    """Within the block, every layer's k_proj output gets KEY_NOISE x standard Gaussian noise."""
+    """Within the block, every layer's pre-RoPE keys get KEY_NOISE x standard Gaussian noise."""
     gen = torch.Generator().manual_seed(seed)
-    handles = [k_proj.register_forward_hook(lambda m, a, out: out + KEY_NOISE * torch.randn(out.shape, generator=gen))
-               for k_proj, _ in kv_projections(model)]
+    handles = [key.register_forward_hook(lambda m, a, out: out + KEY_NOISE * torch.randn(out.shape, generator=gen))
+               for key, _ in kv_projections(model)]
     try:
         yield
     finally:

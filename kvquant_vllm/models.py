@@ -103,10 +103,18 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-def tiny_llama(seed: int = 0, **config_overrides: int) -> torch.nn.Module:
-    """A random-weight Llama (2 layers, GQA 4:2, head dim 16, RoPE) for fast tests; float32, eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_decoder(architecture: str = "llama", seed: int = 0, **config_overrides) -> torch.nn.Module:
+    """A random-weight decoder (2 layers, GQA 4:2, head dim 16, RoPE) for fast tests; float32, eval mode.
 
+    ``architecture``: ``llama``, or ``qwen3`` / ``olmo2``, which normalize keys before RoPE (per head / over all
+    heads); their key-norm weights are drawn from [0.5, 2], so that a path that skips the norm shows."""
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
+    if architecture not in classes:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; known: {', '.join(classes)}")
+    config_cls, model_cls = (getattr(transformers, name) for name in classes[architecture])
     config = dict(
         vocab_size=256,
         hidden_size=64,
@@ -116,8 +124,16 @@ def tiny_llama(seed: int = 0, **config_overrides: int) -> torch.nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=512,
         rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config.update(config_overrides)
+    config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**config, attn_implementation="sdpa"))
+    model = model_cls(config_cls(**config, attn_implementation="sdpa"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            norm = getattr(layer.self_attn, "k_norm", None)
+            if norm is not None:
+                norm.weight.uniform_(0.5, 2.0)
     return model.float().eval()

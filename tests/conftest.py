@@ -24,9 +24,9 @@ def smollm2_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from kvquant_vllm.models import tiny_llama
+    from kvquant_vllm.models import tiny_decoder
 
-    return tiny_llama(seed=0)
+    return tiny_decoder(seed=0)
 
 
 @pytest.fixture

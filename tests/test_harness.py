@@ -5,9 +5,10 @@ import torch
 from transformers import DeepseekV3Config, GPT2Config, LlamaConfig, MistralConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from kvquant_vllm.calib.collect import collect_activations
 from kvquant_vllm.eval.fakequant import fake_quantized
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize, window_nll
-from kvquant_vllm.models import tiny_llama
+from kvquant_vllm.models import tiny_decoder
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
 from kvquant_vllm.quant.geometry import UnsupportedModelError, attention_geometry
 from kvquant_vllm.quant.registry import get_codec
@@ -72,6 +73,29 @@ def test_hooked_keys_are_pre_rope(tiny_model):
         assert (hooked_k[1:] - cached_k[1:]).abs().max() > 1e-2
 
 
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "olmo2"])
+def test_codecs_see_the_keys_and_values_that_attention_uses(kind, tiny_model):
+    """Codecs get the keys just before RoPE, after a key norm where the model has one, as the vLLM backend does
+    once it undoes RoPE: rotated, they are the keys that attention caches."""
+    model = tiny_model if kind == "llama" else tiny_decoder(kind)
+    ids = _random_windows(model.config.vocab_size, n=1)
+    rec = Recorder()
+    with torch.no_grad(), fake_quantized(model, rec):
+        cache = model(ids, use_cache=True).past_key_values
+    geo = attention_geometry(model.config)
+    positions = torch.arange(ids.shape[1])
+    for layer in range(geo.num_layers):
+        cached_k, cached_v = (x[0].transpose(0, 1) for x in (cache.layers[layer].keys, cache.layers[layer].values))
+        torch.testing.assert_close(geo.rope().rotate(rec.seen[("key", layer)], positions), cached_k,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rec.seen[("value", layer)], cached_v, rtol=0, atol=0)
+    # Calibration collects the same keys and values.
+    for layer, act in enumerate(collect_activations(model, ids, skip_tokens=0)):
+        torch.testing.assert_close(act.keys, rec.seen[("key", layer)], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(act.values, rec.seen[("value", layer)], rtol=1e-6, atol=1e-6)
+
+
 def test_unquantized_ppl_equals_model_loss(tiny_model):
     windows = _random_windows(tiny_model.config.vocab_size)
     nll, count = window_nll(tiny_model, windows, Unquantized())
@@ -128,7 +152,7 @@ def test_unsupported_models(config, message):
 def test_geometry_rotates_keys_as_the_model_does(kind, rng):
     """Methods that quantize keys after RoPE rotate them with the geometry's RoPE: it must be the model's,
     scaled frequencies and attention factor included."""
-    model = tiny_llama(rope_parameters=SCALED_ROPE.get(kind, {"rope_type": "default", "rope_theta": 10000.0}))
+    model = tiny_decoder(rope_parameters=SCALED_ROPE.get(kind, {"rope_type": "default", "rope_theta": 10000.0}))
     geometry = attention_geometry(model.config)
     keys = torch.randn(300, 2, 16, generator=rng)  # [T, H, D], past the scaled kinds' original windows
     positions = torch.arange(300)

@@ -1,8 +1,9 @@
 """Collect pre-RoPE keys, values and their Fisher information from a Hugging Face causal LM.
 
 Fisher information of an activation is approximated, as in KVQuant, by the squared gradient of
-the language-model loss with respect to it; K and V are the ``k_proj`` / ``v_proj`` outputs, so
-keys are pre-RoPE by construction.
+the language-model loss with respect to it; K and V are the outputs that the harness quantizes
+(:func:`~kvquant_vllm.eval.fakequant.kv_projections`: ``k_proj``, or ``k_norm`` where the model
+normalizes keys, and ``v_proj``), so keys are pre-RoPE by construction.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def collect_activations(model: torch.nn.Module, windows: torch.Tensor, skip_toke
         return out.requires_grad_(True)
 
     handles = [model.get_input_embeddings().register_forward_hook(needs_grad)]
-    for layer, (k_proj, v_proj) in enumerate(projections):
-        handles.append(k_proj.register_forward_hook(capture("key", layer)))
-        handles.append(v_proj.register_forward_hook(capture("value", layer)))
+    for layer, (key_module, value_module) in enumerate(projections):
+        handles.append(key_module.register_forward_hook(capture("key", layer)))
+        handles.append(value_module.register_forward_hook(capture("value", layer)))
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

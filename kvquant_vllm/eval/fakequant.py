@@ -1,8 +1,8 @@
 """Pass every layer's K and V of a Hugging Face causal LM through a codec.
 
-Keys are hooked at the output of ``k_proj``, i.e. before the rotary embedding is applied in
-the attention forward, so codecs see **pre-RoPE** keys, as the vLLM backend will after undoing
-the rotation.
+Keys are hooked at the output of ``k_proj`` (of ``k_norm`` where the model normalizes keys), i.e.
+before the rotary embedding is applied in the attention forward, so codecs see **pre-RoPE** keys,
+as the vLLM backend does after undoing the rotation.
 
 Methods whose cache depends on the token order (a window of recent tokens kept exact, past-only
 quantization) declare, per query position, which keys and values it sees exactly
@@ -26,7 +26,8 @@ MIXED_ATTENTION = "kvquant_mixed"
 
 
 def kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """``(k_proj, v_proj)`` of every decoder layer, in order."""
+    """Per decoder layer, in order: the module whose output is the key that attention rotates (``k_norm`` where
+    the model normalizes keys before RoPE, as Qwen3 and OLMo2 do; else ``k_proj``) and ``v_proj``."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise UnsupportedModelError(f"{type(model).__name__}: expected decoder layers at model.model.layers")
@@ -35,15 +36,17 @@ def kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.
         attn = getattr(layer, "self_attn", None)
         if attn is None or not hasattr(attn, "k_proj") or not hasattr(attn, "v_proj"):
             raise UnsupportedModelError(f"layer {i} of {type(model).__name__} has no separate k_proj/v_proj")
-        projs.append((attn.k_proj, attn.v_proj))
+        key = attn.k_norm if getattr(attn, "k_norm", None) is not None else attn.k_proj
+        projs.append((key, attn.v_proj))
     return projs
 
 
 def _fake_quant_batch(codec: KVCodec, out: torch.Tensor, kind: Kind, layer: int, geometry: AttentionGeometry):
-    """out [batch, seq, num_kv_heads * head_dim] -> its quantized copy; codecs work on one sequence at a time."""
-    b, t, _ = out.shape
+    """out [batch, seq, num_kv_heads * head_dim] (a projection, a norm over all heads) or [batch, seq, num_kv_heads,
+    head_dim] (a norm per head) -> its quantized copy; codecs work on one sequence at a time."""
+    b, t = out.shape[:2]
     x = out.reshape(b, t, geometry.num_kv_heads, geometry.head_dim)
-    return torch.stack([codec.fake_quant(x[i], kind, layer) for i in range(b)]).reshape(b, t, -1)
+    return torch.stack([codec.fake_quant(x[i], kind, layer) for i in range(b)]).reshape(out.shape)
 
 
 def _quantizing_hook(codec: KVCodec, kind: Kind, layer: int, geometry: AttentionGeometry):
@@ -114,9 +117,9 @@ def _order_aware(model: torch.nn.Module, codec: KVCodec, geometry: AttentionGeom
     previous = model.config._attn_implementation
     handles = [model.model.rotary_emb.register_forward_hook(keep_rope)]
     try:
-        for layer, (k_proj, v_proj) in enumerate(kv_projections(model)):
-            handles.append(k_proj.register_forward_hook(keep_quantized("key", layer)))
-            handles.append(v_proj.register_forward_hook(keep_quantized("value", layer)))
+        for layer, (key_module, value_module) in enumerate(kv_projections(model)):
+            handles.append(key_module.register_forward_hook(keep_quantized("key", layer)))
+            handles.append(value_module.register_forward_hook(keep_quantized("value", layer)))
         model.set_attn_implementation(MIXED_ATTENTION)
         yield
     finally:
@@ -135,9 +138,9 @@ def fake_quantized(model: torch.nn.Module, codec: KVCodec) -> Iterator[None]:
         return
     handles = []
     try:
-        for layer, (k_proj, v_proj) in enumerate(kv_projections(model)):
-            handles.append(k_proj.register_forward_hook(_quantizing_hook(codec, "key", layer, geometry)))
-            handles.append(v_proj.register_forward_hook(_quantizing_hook(codec, "value", layer, geometry)))
+        for layer, (key_module, value_module) in enumerate(kv_projections(model)):
+            handles.append(key_module.register_forward_hook(_quantizing_hook(codec, "key", layer, geometry)))
+            handles.append(value_module.register_forward_hook(_quantizing_hook(codec, "value", layer, geometry)))
         yield
     finally:
         for h in handles:
