@@ -36,7 +36,7 @@ from tqdm import tqdm
 from kvquant_vllm.calib.file import default_calibration_path, read_calibration
 from kvquant_vllm.data import load_text
 from kvquant_vllm.engine import shutdown
-from kvquant_vllm.eval.fakequant import kv_projections
+from kvquant_vllm.eval.fakequant import tap_kv
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize, window_nll
 from kvquant_vllm.eval.vllm_ppl import vllm_perplexity
 from kvquant_vllm.fsutil import atomic_write_text
@@ -68,8 +68,8 @@ def engine_ppl(model_dir: str, dtype: str, windows: torch.Tensor, calibration: P
 def key_noise(model: torch.nn.Module, seed: int):
     """Within the block, every layer's pre-RoPE keys get KEY_NOISE x standard Gaussian noise."""
     gen = torch.Generator().manual_seed(seed)
-    handles = [key.register_forward_hook(lambda m, a, out: out + KEY_NOISE * torch.randn(out.shape, generator=gen))
-               for key, _ in kv_projections(model)]
+    handles = tap_kv(model, lambda kind, layer, x: x + KEY_NOISE * torch.randn(x.shape, generator=gen)
+                     if kind == "key" else None)
     try:
         yield
     finally:

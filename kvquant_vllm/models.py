@@ -106,12 +106,13 @@ def resolve_model(model: str) -> Path:
 def tiny_decoder(architecture: str = "llama", seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A random-weight decoder (2 layers, GQA 4:2, head dim 16, RoPE) for fast tests; float32, eval mode.
 
-    ``architecture``: ``llama``, or ``qwen3`` / ``olmo2``, which normalize keys before RoPE (per head / over all
-    heads); their key-norm weights are drawn from [0.5, 2], so that a path that skips the norm shows."""
+    ``architecture``: ``llama``; ``qwen3`` / ``olmo2``, which normalize keys before RoPE (per head / over all
+    heads; their key-norm weights are drawn from [0.5, 2], so that a path that skips the norm shows); ``phi3``,
+    whose queries, keys and values come from one fused projection."""
     import transformers
 
     classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
+               "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM")}
     if architecture not in classes:
         raise ValueError(f"unknown tiny architecture {architecture!r}; known: {', '.join(classes)}")
     config_cls, model_cls = (getattr(transformers, name) for name in classes[architecture])
@@ -127,6 +128,8 @@ def tiny_decoder(architecture: str = "llama", seed: int = 0, **config_overrides)
         bos_token_id=1,
         eos_token_id=2,
     )
+    if architecture == "phi3":
+        config["pad_token_id"] = 0  # its default, 32000, lies outside the tiny vocabulary
     config.update(config_overrides)
     config.setdefault("head_dim", config["hidden_size"] // config["num_attention_heads"])
     torch.manual_seed(seed)

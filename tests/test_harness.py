@@ -6,7 +6,7 @@ from transformers import DeepseekV3Config, GPT2Config, LlamaConfig, MistralConfi
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from kvquant_vllm.calib.collect import collect_activations
-from kvquant_vllm.eval.fakequant import fake_quantized
+from kvquant_vllm.eval.fakequant import fake_quantized, tap_kv
 from kvquant_vllm.eval.perplexity import evaluate_methods, load_eval_model, make_windows, tokenize, window_nll
 from kvquant_vllm.models import tiny_decoder
 from kvquant_vllm.quant.codec import KVCodec, Unquantized
@@ -74,10 +74,11 @@ def test_hooked_keys_are_pre_rope(tiny_model):
 
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "olmo2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "olmo2", "phi3"])
 def test_codecs_see_the_keys_and_values_that_attention_uses(kind, tiny_model):
-    """Codecs get the keys just before RoPE, after a key norm where the model has one, as the vLLM backend does
-    once it undoes RoPE: rotated, they are the keys that attention caches."""
+    """Codecs get the keys just before RoPE, after a key norm where the model has one and sliced from a fused
+    projection where it has one, as the vLLM backend does once it undoes RoPE: rotated, they are the keys that
+    attention caches. Calibration collects the same keys and values."""
     model = tiny_model if kind == "llama" else tiny_decoder(kind)
     ids = _random_windows(model.config.vocab_size, n=1)
     rec = Recorder()
@@ -90,11 +91,18 @@ def test_codecs_see_the_keys_and_values_that_attention_uses(kind, tiny_model):
         torch.testing.assert_close(geo.rope().rotate(rec.seen[("key", layer)], positions), cached_k,
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rec.seen[("value", layer)], cached_v, rtol=0, atol=0)
-    # Calibration collects the same keys and values.
     for layer, act in enumerate(collect_activations(model, ids, skip_tokens=0)):
         torch.testing.assert_close(act.keys, rec.seen[("key", layer)], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(act.values, rec.seen[("value", layer)], rtol=1e-6, atol=1e-6)
 
+
+
+def test_a_layer_without_key_and_value_projections_is_refused():
+    model = tiny_decoder()
+    del model.model.layers[1].self_attn.k_proj
+    with pytest.raises(UnsupportedModelError, match="layer 1 of LlamaForCausalLM has neither k_proj and v_proj"):
+        tap_kv(model, lambda kind, layer, x: None)
+    assert not model.model.layers[0].self_attn.k_proj._forward_hooks  # layer 0's hook is gone again
 
 def test_unquantized_ppl_equals_model_loss(tiny_model):
     windows = _random_windows(tiny_model.config.vocab_size)

@@ -1,5 +1,6 @@
-"""kvquant3 served for a model that normalizes its keys before RoPE (Qwen3's k_norm per head): vLLM hands the
-backend the normalized keys, and the harness and the calibration must quantize those same keys."""
+"""kvquant3 served for models whose keys the harness cannot read at k_proj: Qwen3 normalizes them before RoPE
+(k_norm per head), Phi-3 projects queries, keys and values in one fused qkv_proj. vLLM hands the backend the
+keys that attention takes, and the harness and the calibration must quantize those same keys. One engine each."""
 
 import os
 
@@ -17,11 +18,11 @@ from kvquant_vllm.quant.kvquant import kvquant_methods
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def qwen3_dir(smollm2_dir, tmp_path_factory):
-    """A random-weight Qwen3 (2 layers, head dim 64) with SmolLM2's tokenizer and a kvquant3 calibration."""
-    model_dir = tmp_path_factory.mktemp("tiny-qwen3")
-    tiny_decoder("qwen3", vocab_size=49152, hidden_size=256, intermediate_size=512, head_dim=64,
+@pytest.fixture(scope="module", params=["qwen3", "phi3"])
+def model_dir(request, smollm2_dir, tmp_path_factory):
+    """A random-weight model (2 layers, head dim 64) with SmolLM2's tokenizer and a kvquant3 calibration."""
+    model_dir = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    tiny_decoder(request.param, vocab_size=49152, hidden_size=256, intermediate_size=512, head_dim=64,
                  max_position_embeddings=2048, tie_word_embeddings=True).save_pretrained(model_dir)
     for f in smollm2_dir.iterdir():
         if f.name.startswith("tokenizer"):
@@ -31,21 +32,21 @@ def qwen3_dir(smollm2_dir, tmp_path_factory):
     return model_dir
 
 
-def test_engine_equals_harness_for_normalized_keys(qwen3_dir):
+def test_engine_equals_harness(model_dir):
     from vllm import LLM
 
-    model, tokenizer = load_eval_model(qwen3_dir)
+    model, tokenizer = load_eval_model(model_dir)
     windows = make_windows(tokenize(tokenizer, load_text("pydoc:test")), 256, 8)
-    calibration = read_calibration(default_calibration_path(qwen3_dir))
+    calibration = read_calibration(default_calibration_path(model_dir))
     harness = {r.method: r.ppl for r in evaluate_methods(model, windows, ["kvquant3"], [calibration])}
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    llm = LLM(model=str(qwen3_dir), dtype="float32", kv_cache_dtype="kvquant3", enforce_eager=True,
+    llm = LLM(model=str(model_dir), dtype="float32", kv_cache_dtype="kvquant3", enforce_eager=True,
               max_model_len=512, seed=0)
     try:
         engine = vllm_perplexity(llm, windows)
     finally:
         shutdown(llm)
-    # Measured 1.4e-4 apart. A harness that quantized the keys before the norm, with a calibration of those keys,
+    # Qwen3: 1.4e-4 apart. A harness that quantized its keys before the norm, with a calibration of those keys,
     # was 2 % away from the engine serving that calibration.
     assert engine == pytest.approx(harness["kvquant3"], rel=1e-3)
     assert harness["kvquant3"] != pytest.approx(harness["fp16"], rel=1e-4)  # the cache really is quantized

@@ -1,9 +1,8 @@
 """Collect pre-RoPE keys, values and their Fisher information from a Hugging Face causal LM.
 
 Fisher information of an activation is approximated, as in KVQuant, by the squared gradient of
-the language-model loss with respect to it; K and V are the outputs that the harness quantizes
-(:func:`~kvquant_vllm.eval.fakequant.kv_projections`: ``k_proj``, or ``k_norm`` where the model
-normalizes keys, and ``v_proj``), so keys are pre-RoPE by construction.
+the language-model loss with respect to it; K and V are tapped where the harness quantizes them
+(:func:`~kvquant_vllm.eval.fakequant.tap_kv`), so keys are pre-RoPE by construction.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kvquant_vllm.eval.fakequant import kv_projections
+from kvquant_vllm.eval.fakequant import tap_kv
 from kvquant_vllm.quant.geometry import AttentionGeometry, attention_geometry
 
 
@@ -47,30 +46,24 @@ def collect_activations(model: torch.nn.Module, windows: torch.Tensor, skip_toke
     time) are left out. Parameters get no gradients; only activations do.
     """
     geo = attention_geometry(model.config)
-    projections = kv_projections(model)
     captured: dict[tuple[str, int], torch.Tensor] = {}
     grads: dict[tuple[str, int], torch.Tensor] = {}
 
-    def capture(kind: str, layer: int):
-        def hook(module, args, out):
-            captured[(kind, layer)] = out.detach()
-            out.register_hook(lambda g: grads.__setitem__((kind, layer), g.detach()))
-
-        return hook
+    def capture(kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        captured[(kind, layer)] = x.detach()
+        x.register_hook(lambda g: grads.__setitem__((kind, layer), g.detach()))
+        return x  # the model goes on with x, so its gradient reaches the hook
 
     def needs_grad(module, args, out):
         # With frozen parameters nothing would require grad; start the graph at the embeddings.
         return out.requires_grad_(True)
 
-    handles = [model.get_input_embeddings().register_forward_hook(needs_grad)]
-    for layer, (key_module, value_module) in enumerate(projections):
-        handles.append(key_module.register_forward_hook(capture("key", layer)))
-        handles.append(value_module.register_forward_hook(capture("value", layer)))
+    handles = [model.get_input_embeddings().register_forward_hook(needs_grad), *tap_kv(model, capture)]
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     per_layer: list[dict[str, list[torch.Tensor]]] = [
-        {"keys": [], "key_grad": [], "values": [], "value_grad": []} for _ in projections
+        {"keys": [], "key_grad": [], "values": [], "value_grad": []} for _ in range(geo.num_layers)
     ]
     try:
         for w in tqdm(windows, desc="collecting K/V and Fisher"):

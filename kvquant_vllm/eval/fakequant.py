@@ -1,8 +1,8 @@
 """Pass every layer's K and V of a Hugging Face causal LM through a codec.
 
-Keys are hooked at the output of ``k_proj`` (of ``k_norm`` where the model normalizes keys), i.e.
-before the rotary embedding is applied in the attention forward, so codecs see **pre-RoPE** keys,
-as the vLLM backend does after undoing the rotation.
+Keys are tapped where attention takes them before the rotary embedding (:func:`tap_kv`: the output
+of ``k_proj``, of ``k_norm`` where the model normalizes keys, or a fused ``qkv_proj``'s slice), so
+codecs see **pre-RoPE** keys, as the vLLM backend does after undoing the rotation.
 
 Methods whose cache depends on the token order (a window of recent tokens kept exact, past-only
 quantization) declare, per query position, which keys and values it sees exactly
@@ -14,46 +14,76 @@ attention function mixes exact and quantized scores and values by the masks.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from kvquant_vllm.quant.codec import Kind, KVCodec
-from kvquant_vllm.quant.geometry import AttentionGeometry, UnsupportedModelError, attention_geometry
+from kvquant_vllm.quant.geometry import UnsupportedModelError, attention_geometry
 from kvquant_vllm.quant.rope import apply_rope
 
 MIXED_ATTENTION = "kvquant_mixed"
 
 
-def kv_projections(model: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
-    """Per decoder layer, in order: the module whose output is the key that attention rotates (``k_norm`` where
-    the model normalizes keys before RoPE, as Qwen3 and OLMo2 do; else ``k_proj``) and ``v_proj``."""
+KVTap = Callable[[Kind, int, torch.Tensor], torch.Tensor | None]
+
+
+def tap_kv(model: torch.nn.Module, fn: KVTap) -> list[RemovableHandle]:
+    """Forward hooks that hand ``fn(kind, layer, x)`` every layer's pre-RoPE keys and values, x [batch, seq,
+    num_kv_heads, head_dim], where attention takes them: the output of ``k_norm`` (models that normalize keys
+    before RoPE, as Qwen3 and OLMo2 do) or else of ``k_proj``, and of ``v_proj``; or their slices of a fused
+    ``qkv_proj`` (Phi-3). A tensor that ``fn`` returns replaces x in the model, so gradients flow through it.
+    Returns the hooks' handles (remove them to stop)."""
+    geometry = attention_geometry(model.config)
+    heads, dim = geometry.num_kv_heads, geometry.head_dim
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise UnsupportedModelError(f"{type(model).__name__}: expected decoder layers at model.model.layers")
-    projs = []
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(attn, "k_proj") or not hasattr(attn, "v_proj"):
-            raise UnsupportedModelError(f"layer {i} of {type(model).__name__} has no separate k_proj/v_proj")
-        key = attn.k_norm if getattr(attn, "k_norm", None) is not None else attn.k_proj
-        projs.append((key, attn.v_proj))
-    return projs
+
+    def separate(kind: Kind, layer: int):
+        def hook(module, args, out):
+            x = fn(kind, layer, out.reshape(*out.shape[:2], heads, dim))
+            return None if x is None else x.reshape(out.shape)
+
+        return hook
+
+    def fused(layer: int):
+        query = model.config.num_attention_heads * dim
+
+        def hook(module, args, out):
+            parts = list(out.split([query, heads * dim, heads * dim], dim=-1))
+            for i, kind in ((1, "key"), (2, "value")):
+                x = fn(kind, layer, parts[i].reshape(*out.shape[:2], heads, dim))
+                parts[i] = parts[i] if x is None else x.reshape(parts[i].shape)
+            return torch.cat(parts, dim=-1)
+
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            attn = getattr(layer, "self_attn", None)
+            key_norm = getattr(attn, "k_norm", None)
+            if hasattr(attn, "k_proj") and hasattr(attn, "v_proj"):
+                key = key_norm if key_norm is not None else attn.k_proj
+                handles += [key.register_forward_hook(separate("key", i)),
+                            attn.v_proj.register_forward_hook(separate("value", i))]
+            elif hasattr(attn, "qkv_proj") and key_norm is None:
+                handles.append(attn.qkv_proj.register_forward_hook(fused(i)))
+            else:
+                raise UnsupportedModelError(f"layer {i} of {type(model).__name__} has neither k_proj and v_proj nor "
+                                            "a fused qkv_proj without a key norm")
+    except UnsupportedModelError:
+        for h in handles:
+            h.remove()
+        raise
+    return handles
 
 
-def _fake_quant_batch(codec: KVCodec, out: torch.Tensor, kind: Kind, layer: int, geometry: AttentionGeometry):
-    """out [batch, seq, num_kv_heads * head_dim] (a projection, a norm over all heads) or [batch, seq, num_kv_heads,
-    head_dim] (a norm per head) -> its quantized copy; codecs work on one sequence at a time."""
-    b, t = out.shape[:2]
-    x = out.reshape(b, t, geometry.num_kv_heads, geometry.head_dim)
-    return torch.stack([codec.fake_quant(x[i], kind, layer) for i in range(b)]).reshape(out.shape)
-
-
-def _quantizing_hook(codec: KVCodec, kind: Kind, layer: int, geometry: AttentionGeometry):
-    def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return _fake_quant_batch(codec, out, kind, layer, geometry)
-
-    return hook
+def _fake_quant_batch(codec: KVCodec, x: torch.Tensor, kind: Kind, layer: int) -> torch.Tensor:
+    """x [batch, seq, num_kv_heads, head_dim] -> its quantized copy; codecs work on one sequence at a time."""
+    return torch.stack([codec.fake_quant(x[i], kind, layer) for i in range(x.shape[0])])
 
 
 def mixed_attention(
@@ -85,17 +115,14 @@ def mixed_attention(
 
 
 @contextmanager
-def _order_aware(model: torch.nn.Module, codec: KVCodec, geometry: AttentionGeometry) -> Iterator[None]:
+def _order_aware(model: torch.nn.Module, codec: KVCodec) -> Iterator[None]:
     from transformers import AttentionInterface
 
     quantized: dict[tuple[Kind, int], torch.Tensor] = {}
     rope: dict[str, torch.Tensor] = {}
 
-    def keep_quantized(kind: Kind, layer: int):
-        def hook(module, args, out):
-            quantized[(kind, layer)] = _fake_quant_batch(codec, out, kind, layer, geometry)
-
-        return hook
+    def keep_quantized(kind: Kind, layer: int, x: torch.Tensor) -> None:
+        quantized[(kind, layer)] = _fake_quant_batch(codec, x, kind, layer)
 
     def keep_rope(module, args, out):
         rope["cos"], rope["sin"] = out  # [B or 1, T, D] each
@@ -115,11 +142,8 @@ def _order_aware(model: torch.nn.Module, codec: KVCodec, geometry: AttentionGeom
 
     AttentionInterface.register(MIXED_ATTENTION, attention)
     previous = model.config._attn_implementation
-    handles = [model.model.rotary_emb.register_forward_hook(keep_rope)]
+    handles = [model.model.rotary_emb.register_forward_hook(keep_rope), *tap_kv(model, keep_quantized)]
     try:
-        for layer, (key_module, value_module) in enumerate(kv_projections(model)):
-            handles.append(key_module.register_forward_hook(keep_quantized("key", layer)))
-            handles.append(value_module.register_forward_hook(keep_quantized("value", layer)))
         model.set_attn_implementation(MIXED_ATTENTION)
         yield
     finally:
@@ -131,16 +155,12 @@ def _order_aware(model: torch.nn.Module, codec: KVCodec, geometry: AttentionGeom
 @contextmanager
 def fake_quantized(model: torch.nn.Module, codec: KVCodec) -> Iterator[None]:
     """Within the block, every layer's pre-RoPE K and V go through ``codec``."""
-    geometry = attention_geometry(model.config)
     if codec.full_precision_masks(2) is not None:
-        with _order_aware(model, codec, geometry):
+        with _order_aware(model, codec):
             yield
         return
-    handles = []
+    handles = tap_kv(model, lambda kind, layer, x: _fake_quant_batch(codec, x, kind, layer))
     try:
-        for layer, (key_module, value_module) in enumerate(kv_projections(model)):
-            handles.append(key_module.register_forward_hook(_quantizing_hook(codec, "key", layer, geometry)))
-            handles.append(value_module.register_forward_hook(_quantizing_hook(codec, "value", layer, geometry)))
         yield
     finally:
         for h in handles:
