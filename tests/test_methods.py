@@ -169,10 +169,9 @@ def _fp8_nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # YaRN: scaled frequencies and an attention factor of 1.14 on cos and sin (a llama3-scaled head would do too).
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16}
 YARN_GEO = attention_geometry(LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                          hidden_size=64, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
-                                                                           "factor": 4.0,
-                                                                           "original_max_position_embeddings": 16}))
+                                          hidden_size=64, rope_parameters=YARN))
 
 
 @pytest.mark.parametrize("geometry", [GEO, YARN_GEO], ids=["default-rope", "yarn"])
