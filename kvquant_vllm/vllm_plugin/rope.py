@@ -49,6 +49,22 @@ def _model_rope(head_size: int, max_position: int, rope_parameters: str) -> Rope
     return rope_of(rotary)
 
 
+def check_rotate_half(head_size: int) -> None:
+    """Refuse a model that rotates the pairs (2i, 2i + 1) of a head (the interleaved, GPT-J style: Command-R,
+    ERNIE 4.5 MoE, ...), once it is built. The kvquant stores and kernels pair channel i with i + D/2, as
+    NeoX-style RoPE does, and the style is not in the model's config: only its code passes it to vLLM's
+    ``get_rope``, which keeps every rotary embedding it makes in one cache."""
+    from vllm.model_executor.layers import rotary_embedding
+
+    for rotary in list(rotary_embedding._ROPE_DICT.values()):
+        if rotary.head_size == head_size and not rotary.is_neox_style:
+            raise UnsupportedModelError(
+                f"this model rotates interleaved channel pairs (GPT-J-style RoPE, {type(rotary).__name__} with "
+                "is_neox_style=False); the kvquant caches need NeoX-style RoPE (channel i with i + head_dim / 2): "
+                "use another --kv-cache-dtype"
+            )
+
+
 def model_rope(model_config, head_size: int) -> Rope:
     """The RoPE of the model that ``model_config`` (vLLM's ModelConfig) serves, as its attention layers apply it."""
     parameters = getattr(model_config.hf_config, "rope_parameters", None) or {}
