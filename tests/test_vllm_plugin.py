@@ -89,24 +89,28 @@ def test_rope_recovered_under_a_bf16_default_dtype():
 
 
 
-def test_interleaved_rope_is_refused_once_the_model_is_built(monkeypatch):
-    """A model's RoPE style is in its code, not its config: what vLLM's rotary cache holds after the model is built
-    decides (the backend checks it in process_weights_after_loading)."""
+def test_ropes_the_caches_cannot_follow_are_refused_once_the_model_is_built(monkeypatch):
+    """A model's RoPE style and positions are in its code, not its config: what vLLM's rotary cache holds after the
+    model is built decides (the backend checks it in process_weights_after_loading)."""
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers import rotary_embedding
 
-    from kvquant_vllm.vllm_plugin.rope import check_rotate_half
+    from kvquant_vllm.vllm_plugin.rope import check_built_rope
 
-    monkeypatch.setattr(rotary_embedding, "_ROPE_DICT", {})
     params = {"rope_theta": 10000.0, "rope_type": "default"}
     with set_current_vllm_config(VllmConfig()):
+        monkeypatch.setattr(rotary_embedding, "_ROPE_DICT", {})
         rotary_embedding.get_rope(64, max_position=128, rope_parameters=params, is_neox_style=True)
-        check_rotate_half(64)
+        check_built_rope(64)
         rotary_embedding.get_rope(128, max_position=128, rope_parameters=params, is_neox_style=False)
-        check_rotate_half(64)  # an interleaved rotary of another head size (a vision tower's) is not the model's
+        check_built_rope(64)  # an interleaved rotary of another head size (a vision tower's) is not the model's
         rotary_embedding.get_rope(64, max_position=128, rope_parameters=params, is_neox_style=False)
         with pytest.raises(UnsupportedModelError, match=r"interleaved channel pairs .*use another --kv-cache-dtype"):
-            check_rotate_half(64)
+            check_built_rope(64)
+        monkeypatch.setattr(rotary_embedding, "_ROPE_DICT", {})
+        rotary_embedding.get_rope(64, max_position=128, rope_parameters=params | {"mrope_section": [8, 12, 12]})
+        with pytest.raises(UnsupportedModelError, match=r"multimodal positions \(MRotaryEmbedding\)"):
+            check_built_rope(64)
 
 def _vllm_loaded_kv_heads(total_heads: int, total_kv_heads: int, tp_size: int, tp_rank: int) -> list[int]:
     """The k_proj heads that vLLM's QKVParallelLinear weight loader gives tensor-parallel rank ``tp_rank``: a k_proj

@@ -39,7 +39,7 @@ from kvquant_vllm.quant.paged import DTYPE_BITS, PageLayout, dtype_layout
 from kvquant_vllm.quant.pagestore import PagedKVQuant
 from kvquant_vllm.quant.rope import apply_rope, invert_rope
 from kvquant_vllm.vllm_plugin.calibration import SUPPORTED_HEAD_DIMS, rank_calibration
-from kvquant_vllm.vllm_plugin.rope import check_rotate_half, model_rope
+from kvquant_vllm.vllm_plugin.rope import check_built_rope, model_rope
 
 
 class KVQuantAttentionBackend(AttentionBackend):
@@ -237,8 +237,8 @@ class KVQuantAttentionImpl(AttentionImpl[KVQuantMetadata]):
         self.rope_table: tuple[torch.Tensor, torch.Tensor] | None = None  # the PyTorch path's cos, sin per position
 
     def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        # The model is built by now, and so are its rotary embeddings, whose style its config does not tell.
-        check_rotate_half(self.head_size)
+        # The model is built by now, and so are its rotary embeddings, which its config does not describe in full.
+        check_built_rope(self.head_size)
 
     def forward(
         self,

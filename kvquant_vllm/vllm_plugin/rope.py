@@ -49,19 +49,29 @@ def _model_rope(head_size: int, max_position: int, rope_parameters: str) -> Rope
     return rope_of(rotary)
 
 
-def check_rotate_half(head_size: int) -> None:
-    """Refuse a model that rotates the pairs (2i, 2i + 1) of a head (the interleaved, GPT-J style: Command-R,
-    ERNIE 4.5 MoE, ...), once it is built. The kvquant stores and kernels pair channel i with i + D/2, as
-    NeoX-style RoPE does, and the style is not in the model's config: only its code passes it to vLLM's
-    ``get_rope``, which keeps every rotary embedding it makes in one cache."""
+def check_built_rope(head_size: int) -> None:
+    """Refuse, once the model is built, a RoPE that the kvquant caches cannot follow and that the model's config
+    does not name: one that rotates the pairs (2i, 2i + 1) of a head (the interleaved, GPT-J style of Command-R or
+    ERNIE 4.5 MoE; the stores and kernels pair channel i with i + D/2, as NeoX-style RoPE does), or multimodal
+    M-RoPE (Qwen2-VL and its kin), whose positions after an image are not the token's index in the sequence, which
+    the backend rotates by. Only the model's code passes these to vLLM's ``get_rope``, which keeps every rotary
+    embedding it makes in one cache."""
     from vllm.model_executor.layers import rotary_embedding
+    from vllm.model_executor.layers.rotary_embedding.mrope import MRotaryEmbedding
 
     for rotary in list(rotary_embedding._ROPE_DICT.values()):
-        if rotary.head_size == head_size and not rotary.is_neox_style:
+        if rotary.head_size != head_size:
+            continue  # another part's (a vision tower's), not the attention's
+        if not rotary.is_neox_style:
             raise UnsupportedModelError(
                 f"this model rotates interleaved channel pairs (GPT-J-style RoPE, {type(rotary).__name__} with "
                 "is_neox_style=False); the kvquant caches need NeoX-style RoPE (channel i with i + head_dim / 2): "
                 "use another --kv-cache-dtype"
+            )
+        if isinstance(rotary, MRotaryEmbedding):
+            raise UnsupportedModelError(
+                f"this model rotates by multimodal positions ({type(rotary).__name__}); the kvquant caches rotate "
+                "keys by their index in the sequence: use another --kv-cache-dtype"
             )
 
 
