@@ -153,3 +153,11 @@ def test_post_rope_methods_reject_length_dependent_rope():
     geometry = attention_geometry(config)  # pre-RoPE methods still work on it
     with pytest.raises(UnsupportedModelError, match="dynamic RoPE: methods that quantize keys after RoPE"):
         get_codec("kivi2", geometry=geometry)
+
+
+def test_post_rope_methods_reject_a_partial_rotation():
+    """A default-type RoPE over half the head (GLM, Phi-2 style) is no full-head rotation: no fallback to one."""
+    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    config.partial_rotary_factor = 0.5
+    with pytest.raises(UnsupportedModelError, match=r"default RoPE: .*\(it rotates 0.5 of the head\)"):
+        get_codec("fp8-e4m3", geometry=attention_geometry(config))
