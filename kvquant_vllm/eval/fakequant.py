@@ -53,10 +53,12 @@ def tap_kv(model: torch.nn.Module, fn: KVTap) -> list[RemovableHandle]:
 
         def hook(module, args, out):
             parts = list(out.split([query, heads * dim, heads * dim], dim=-1))
+            replaced = False
             for i, kind in ((1, "key"), (2, "value")):
                 x = fn(kind, layer, parts[i].reshape(*out.shape[:2], heads, dim))
-                parts[i] = parts[i] if x is None else x.reshape(parts[i].shape)
-            return torch.cat(parts, dim=-1)
+                if x is not None:
+                    parts[i], replaced = x.reshape(parts[i].shape), True
+            return torch.cat(parts, dim=-1) if replaced else None  # no copy for taps that only read
 
         return hook
 
